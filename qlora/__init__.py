@@ -1,0 +1,1 @@
+"""qlora-loop: a QLoRA fine-tuning loop written out in plain PyTorch."""

@@ -1,0 +1,74 @@
+"""Micro-batches: which rows go together (seeded, optionally grouped by length) and how they are
+padded. The order of epoch e depends only on (seed, e), so a resumed run finds its place from the
+optimizer step alone."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from qlora.data import IGNORE, Encoded
+
+BUCKET_BATCHES = 16  # length groups span this many batches, so grouping still shuffles
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                  group_by_length: bool) -> list[list[int]]:
+    """Row indices of each micro-batch of one epoch. With grouping, rows are shuffled, cut into
+    buckets of BUCKET_BATCHES batches, sorted by length inside a bucket, batched, and the batches
+    shuffled again: padding shrinks and the order stays random."""
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if group_by_length:
+        size = batch_size * BUCKET_BATCHES
+        buckets = [sorted(order[i:i + size], key=lambda j: -lengths[j]) for i in range(0, len(order), size)]
+        order = [j for bucket in buckets for j in bucket]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length:
+        rng.shuffle(batches)
+    return batches
+
+
+def windows_per_epoch(n_rows: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps per epoch; the last window of an epoch may hold fewer micro-batches."""
+    return math.ceil(math.ceil(n_rows / batch_size) / grad_accum)
+
+
+class DataOrder:
+    """Which micro-batches make up optimizer step s: a pure function of (rows, seed, s), with the
+    current epoch's batches cached so a step costs no re-shuffle."""
+
+    def __init__(self, rows: list[Encoded], batch_size: int, grad_accum: int, seed: int,
+                 group_by_length: bool):
+        self.rows, self.batch_size, self.grad_accum = rows, batch_size, grad_accum
+        self.seed, self.group_by_length = seed, group_by_length
+        self.lengths = [len(r.input_ids) for r in rows]
+        self.per_epoch = windows_per_epoch(len(rows), batch_size, grad_accum)
+        self._cached: tuple[int, list[list[int]]] = (-1, [])
+
+    def window(self, step: int) -> tuple[int, list[list[Encoded]]]:
+        """(epoch, micro-batches) of optimizer step `step` (0-based)."""
+        epoch, index = divmod(step, self.per_epoch)
+        if self._cached[0] != epoch:
+            self._cached = (epoch, epoch_batches(self.lengths, self.batch_size, self.seed, epoch,
+                                                 self.group_by_length))
+        chosen = self._cached[1][index * self.grad_accum:(index + 1) * self.grad_accum]
+        return epoch, [[self.rows[i] for i in batch] for batch in chosen]
+
+
+def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row of this batch (not to max_length): padded positions get
+    attention 0 and label IGNORE."""
+    width = max(len(r.input_ids) for r in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, r in enumerate(batch):
+        n = len(r.input_ids)
+        input_ids[i, :n] = torch.tensor(r.input_ids)
+        labels[i, :n] = torch.tensor(r.labels)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,138 @@
+"""The training step, written out.
+
+    for each micro-batch of the window:   autocast -> forward -> summed token loss / window tokens
+                                          -> scaled backward
+    at the accumulation boundary:         unscale -> clip -> step (skipped on inf/nan) -> scaler
+                                          update -> scheduler -> zero grads
+
+`train_step` and `optimizer_step` are separate so a debugger can stop between them with the
+accumulated gradients in hand; `fit` strings them together with logging.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from qlora.batching import DataOrder, collate
+from qlora.data import IGNORE
+from qlora.errors import UserError
+from qlora.logs import MetricsLog
+from qlora.memory import memory_now
+from qlora.model import DTYPES
+
+
+class Diverged(UserError):
+    """The loss or the gradients became non-finite where no GradScaler could skip the step."""
+    exit_code = 4
+
+
+def supervised_count(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens this batch learns: labels shifted by one, since position t predicts token t+1.
+    Counted on the CPU tensors, so it costs no GPU sync."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: str,
+                     device: torch.device, supervised_logits_only: bool) -> torch.Tensor:
+    """Summed (not averaged) cross-entropy over the batch's supervised tokens, in fp32."""
+    labels = batch["labels"]
+    kwargs = {}
+    if supervised_logits_only:
+        # ~10 of ~900 positions carry a label: run the LM head (32k x hidden) only at positions
+        # that predict one in some row, instead of materialising [B, T, vocab] logits.
+        positions = (labels[:, 1:] != IGNORE).any(dim=0).nonzero().squeeze(1)
+        kwargs["logits_to_keep"] = positions.to(device, non_blocking=True)
+        targets = labels[:, positions + 1]
+    else:
+        targets = labels[:, 1:]
+    with torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32"):
+        out = model(input_ids=batch["input_ids"].to(device, non_blocking=True),
+                    attention_mask=batch["attention_mask"].to(device, non_blocking=True),
+                    use_cache=False, **kwargs)
+    logits = out.logits if supervised_logits_only else out.logits[:, :-1]
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def train_step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
+               scaler: torch.amp.GradScaler, precision: str, device: torch.device,
+               supervised_logits_only: bool) -> torch.Tensor:
+    """Forward and backward over one accumulation window; returns the window's mean token loss
+    (a device tensor: reading it is a sync point, left to the caller).
+
+    Each micro-batch's summed loss is divided by the supervised tokens of the *whole window*, so the
+    accumulated gradient equals that of one batch holding every row (not a mean of per-batch means,
+    which over-weights tokens of short batches: transformers PR 34191)."""
+    window_tokens = sum(supervised_count(b) for b in batches)
+    total = torch.zeros((), device=device)
+    for batch in batches:
+        loss = micro_batch_loss(model, batch, precision, device, supervised_logits_only) / window_tokens
+        scaler.scale(loss).backward()  # frees this micro-batch's activations
+        total += loss.detach()
+    return total
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                   max_grad_norm: float) -> tuple[float, bool]:
+    """Unscale -> clip -> step -> update -> schedule -> zero. Returns (grad norm before clipping,
+    whether GradScaler skipped the step because a gradient was inf/nan)."""
+    scaler.unscale_(optimizer)  # grads back to true scale, so clipping sees real norms
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))  # sync point
+    scale_before = scaler.get_scale()
+    scaler.step(optimizer)  # no-op when unscale_ found inf/nan
+    scaler.update()  # halves the scale after a skip, grows it after enough good steps
+    skipped = scaler.is_enabled() and scaler.get_scale() < scale_before
+    scheduler.step()  # also after a skip: the schedule follows optimizer steps taken or skipped
+    optimizer.zero_grad(set_to_none=True)  # frees gradient memory until the next backward
+    return grad_norm, skipped
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    precision: str
+    max_grad_norm: float
+    supervised_logits_only: bool
+    pad_id: int
+    progress: bool
+
+
+def fit(model: torch.nn.Module, order: DataOrder, optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+        settings: FitSettings, device: torch.device, total_steps: int, metrics: MetricsLog,
+        start_step: int = 0) -> None:
+    """Optimizer steps start_step .. total_steps-1, one metrics line each."""
+    skipped_total = 0
+    started = time.perf_counter()
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
+               disable=not settings.progress, unit="step")
+    for step in bar:
+        t0 = time.perf_counter()
+        epoch, micro = order.window(step)
+        batches = [collate(b, settings.pad_id) for b in micro]
+        lr = scheduler.get_last_lr()[0]
+        loss_t = train_step(model, batches, scaler, settings.precision, device,
+                            settings.supervised_logits_only)
+        grad_norm, skipped = optimizer_step(model, optimizer, scheduler, scaler, settings.max_grad_norm)
+        loss = float(loss_t)  # sync point: once per optimizer step
+        if not skipped and not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise Diverged(f"step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite "
+                           f"and no GradScaler skipped it; stopping")
+        skipped_total += skipped
+        seconds = time.perf_counter() - t0
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        record = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
+                  "skipped": skipped, "skipped_total": skipped_total, "tokens": tokens,
+                  "supervised_tokens": sum(supervised_count(b) for b in batches),
+                  "tokens_per_s": tokens / seconds, "step_s": seconds,
+                  "elapsed_s": time.perf_counter() - started, "mem": memory_now(device)}
+        metrics.write(record)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")

@@ -1,0 +1,107 @@
+"""The model phase: BitsAndBytesConfig -> from_pretrained (4-bit NF4) -> gradient checkpointing ->
+prepare_model_for_kbit_training -> LoRA adapters (fp32) via peft. Also random_init: a random model
+of the named architecture at its real shape, for offline runs and memory audits."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from qlora.config import LoraConfig, ModelConfig
+from qlora.errors import UserError
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={name} but no CUDA device is visible")
+    return torch.device(name)
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    source = cfg.tokenizer or cfg.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load tokenizer {source!r}: {str(e).splitlines()[0]}") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer {source!r} has no EOS token; answers could not be ended")
+    if tokenizer.pad_token_id is None:
+        # Llama-2 has no pad token. Padding is masked out of attention and labels, so any id works.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torch.device,
+                seed: int) -> PeftModel:
+    compute_dtype = DTYPES[precision]
+    path = random_init_checkpoint(cfg, seed, device) if cfg.random_init else cfg.name
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
+                               bnb_4bit_use_double_quant=cfg.double_quant,
+                               bnb_4bit_compute_dtype=compute_dtype) if cfg.load_in_4bit else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=quant, dtype=compute_dtype, device_map={"": device},
+            trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    except OSError as e:
+        raise UserError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
+    # Casts the small non-quantized weights (norms, embeddings, head) to fp32 and turns on
+    # checkpointing; non-reentrant checkpointing replays dropout with the saved RNG state.
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                              target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same adapter at step 0
+    model = get_peft_model(model, peft_cfg)
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            # GradScaler refuses to unscale fp16 gradients, and bf16 adapters lose small updates.
+            p.data = p.data.float()
+    # from_pretrained leaves the model in eval mode: without this, checkpointing and dropout are off.
+    model.train()
+    return model
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as stored elements x 2."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
+    return trainable, total
+
+
+def random_init_checkpoint(cfg: ModelConfig, seed: int, device: torch.device) -> Path:
+    """Write (once) a random model of the architecture in `cfg.arch or cfg.name` and return its
+    directory. The cache key covers the architecture and the seed."""
+    arch = cfg.arch or cfg.name
+    try:
+        config = AutoConfig.from_pretrained(arch, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the architecture of {arch!r} for random_init: "
+                        f"{str(e).splitlines()[0]}") from None
+    key = hashlib.sha256(f"{config.to_json_string()}|{seed}".encode()).hexdigest()[:16]
+    out = Path(cfg.random_init_cache) / key
+    if (out / "config.json").is_file():
+        return out
+    tmp = out.with_name(f"{key}.tmp-{os.getpid()}")
+    torch.manual_seed(seed)
+    # Initialise on the GPU when there is one: a 7B random init takes minutes on a CPU.
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
+                                                 trust_remote_code=cfg.trust_remote_code)
+    model.save_pretrained(tmp)
+    del model
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # atomic: a killed run never leaves a half-written cache entry
+    return out
