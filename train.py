@@ -13,7 +13,7 @@ import json
 import sys
 
 from qlora.batching import DataOrder, windows_per_epoch
-from qlora.checkpoint import prepare_run_dir, save_final
+from qlora.checkpoint import check_output_dir, prepare_run_dir, save_final
 from qlora.config import load_config
 from qlora.data import inspect_rows, prepare_data
 from qlora.errors import UserError
@@ -48,11 +48,12 @@ def run(args: argparse.Namespace) -> None:
     print("\n".join(data.report.lines()))
     order = DataOrder(data.rows, t.batch_size, t.grad_accum, t.seed, cfg.data.group_by_length)
     total_steps = t.max_steps or t.epochs * windows_per_epoch(len(data.rows), t.batch_size, t.grad_accum)
-    run_dir = prepare_run_dir(cfg, args.overwrite)
+    check_output_dir(cfg, args.overwrite)
 
     # 3. model: 4-bit base + fp32 LoRA adapters, in train mode
     device = resolve_device(t.device)
     model = build_model(cfg.model, cfg.lora, t.precision, device, t.seed)
+    run_dir = prepare_run_dir(cfg, args.overwrite)  # only now: a failed load leaves nothing behind
     trainable, total = trainable_parameters(model)
     print(f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%) on {device}")
 

@@ -22,14 +22,21 @@ def write_config(cfg: Config, directory: Path) -> None:
                                            encoding="utf-8")
 
 
-def prepare_run_dir(cfg: Config, overwrite: bool) -> Path:
-    """Create the output directory; refuse a non-empty one unless `overwrite`."""
+def check_output_dir(cfg: Config, overwrite: bool) -> None:
+    """Refuse a non-empty output directory unless `overwrite`; writes nothing, so it can run before
+    the model loads and a refused run leaves no trace."""
     run_dir = Path(cfg.train.output_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise UserError(f"output directory {run_dir} is not empty (pass --overwrite to replace it)")
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise UserError(f"output directory {run_dir} is not empty (pass --overwrite to replace it)")
+
+
+def prepare_run_dir(cfg: Config, overwrite: bool) -> Path:
+    """Create the output directory (emptied when `overwrite`) and write the resolved config."""
+    check_output_dir(cfg, overwrite)
+    run_dir = Path(cfg.train.output_dir)
+    if run_dir.exists():
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True)
     write_config(cfg, run_dir)
     return run_dir
 

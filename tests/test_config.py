@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlora.config import Config, load_config
+from qlora.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = """
+model: {name: m}
+data: {source: d.json}
+train: {output_dir: out}
+"""
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["train.lr=1e-4", "lora.target_modules=[q_proj]",
+                                              "data.limit=20", "train.max_steps=null"])
+    assert cfg.train.lr == 1e-4 and cfg.lora.target_modules == ("q_proj",)
+    assert cfg.data.limit == 20 and cfg.train.max_steps is None
+    assert cfg.train.precision == "fp16" and cfg.lora.r == 16
+
+
+def test_frozen(tmp_path):
+    cfg = load_config(write(tmp_path, BASE))
+    with pytest.raises(Exception):
+        cfg.train.lr = 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.learning_rate=1", "train.learning_rate: unknown key (allowed: output_dir, seed"),
+    ("train.batch_size=four", "train.batch_size: expected int, got 'four'"),
+    ("train.batch_size=true", "train.batch_size: expected int"),
+    ("train.precision=fp8", "train.precision: 'fp8' is not allowed (allowed: fp16, bf16, fp32)"),
+    ("train.warmup_ratio=1.5", "train.warmup_ratio: must be in [0, 1) (warmup cannot be as long as training)"),
+    ("lora.dropout=1", "lora.dropout: must be in [0, 1)"),
+    ("optim.lr=1", "optim: unknown section"),
+    ("trainlr=1", "must look like section.key=value"),
+])
+def test_errors_name_the_key_and_what_is_allowed(tmp_path, override, message):
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, BASE), [override])
+    assert message in str(e.value)
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, "model: {}\ndata: {source: x, colour: red}\ntrain: {output_dir: o, epochs: 0}"))
+    text = str(e.value)
+    assert "model.name: required" in text and "data.colour: unknown key" in text
+    assert "\n" not in text
+
+
+def test_range_checks_after_types(tmp_path):
+    with pytest.raises(UserError, match="train.epochs: must be >= 1"):
+        load_config(write(tmp_path, BASE), ["train.epochs=0"])
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "tutorial.yaml", "llama2-7b-korquad.yaml"])
+def test_shipped_configs_load_and_round_trip(name):
+    cfg = load_config(ROOT / "configs" / name)
+    again = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
+    from qlora.config import config_from_dict
+    assert config_from_dict(again) == cfg
+    assert isinstance(cfg, Config)
+
+
+def test_tutorial_config_is_the_tutorial():
+    cfg = load_config(ROOT / "configs" / "tutorial.yaml")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 32, 0.05)
+    assert cfg.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert (cfg.train.batch_size, cfg.train.grad_accum, cfg.train.lr) == (4, 4, 2e-4)
+    assert (cfg.train.epochs, cfg.train.warmup_ratio, cfg.train.precision) == (100, 0.03, "fp16")
+    assert (cfg.train.optimizer, cfg.data.max_length, cfg.data.limit) == ("paged_adamw_8bit", 512, 20)
+    assert cfg.data.format == "closed_book" and cfg.model.quant_type == "nf4" and cfg.model.double_quant
