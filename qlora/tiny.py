@@ -26,15 +26,17 @@ BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 def build_tokenizer(texts: Iterable[str], kind: str, vocab_size: int,
                     limit_alphabet: int | None = None) -> PreTrainedTokenizerFast:
     """Train a tokenizer of the given family on `texts`. `limit_alphabet` caps how many distinct
-    characters get their own piece: the rest go through byte fallback, as rare Hangul does in
-    Llama-2."""
+    characters (beyond ASCII) get their own piece: the rest go through byte fallback, as rare
+    Hangul does in Llama-2."""
     if kind == "sentencepiece":
         tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
         tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                          decoders.Fuse(), decoders.Strip(" ", 1, 0)])
         special = ["<unk>", "<s>", "</s>"]
+        # ASCII always gets its own pieces, as in Llama-2; limit_alphabet caps the rest
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special + BYTE_TOKENS,
+                                      initial_alphabet=[chr(c) for c in range(32, 127)],
                                       show_progress=False, **({"limit_alphabet": limit_alphabet} if limit_alphabet else {}))
         tok.train_from_iterator(texts, trainer)
         tok.post_processor = processors.TemplateProcessing(
