@@ -87,6 +87,10 @@ class TrainConfig:
     """"auto" (cuda when available), "cuda", "cuda:N" or "cpu"."""
     supervised_logits_only: bool = True
     """Compute the LM head only at positions that predict a supervised token."""
+    save_every: int = 0
+    """Save a resumable checkpoint every N optimizer steps (0: only at the end and on SIGINT/SIGTERM)."""
+    keep_last: int = 2
+    """How many checkpoints to keep."""
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,8 @@ def check_values(cfg: Config) -> list[str]:
         (t.lr > 0, "train.lr: must be > 0"),
         (0 <= t.warmup_ratio < 1, "train.warmup_ratio: must be in [0, 1) (warmup cannot be as long as training)"),
         (t.max_grad_norm > 0, "train.max_grad_norm: must be > 0"),
+        (t.save_every >= 0, "train.save_every: must be >= 0"),
+        (t.keep_last >= 1, "train.keep_last: must be >= 1"),
         (t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
          f"train.device: {t.device!r} is not allowed (allowed: auto, cpu, cuda, cuda:N)"),
         (d.max_length >= 16, "data.max_length: must be >= 16"),

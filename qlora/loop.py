@@ -12,14 +12,19 @@ accumulated gradients in hand; `fit` strings them together with logging.
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from qlora.batching import DataOrder, collate
+from qlora.checkpoint import save_checkpoint
+from qlora.config import Config
 from qlora.data import IGNORE
 from qlora.errors import UserError
 from qlora.logs import MetricsLog
@@ -104,35 +109,101 @@ class FitSettings:
     progress: bool
 
 
+@dataclass(frozen=True)
+class CheckpointPlan:
+    run_dir: Path
+    every: int
+    keep_last: int
+    config: Config
+    data_fingerprint: str
+
+
+class StopSignal:
+    """SIGINT/SIGTERM only set a flag: the loop finishes the optimizer step in flight, saves a
+    checkpoint and returns, instead of dying half-way through a step."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignal":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signal.Signals(signum).name
+
+
+@dataclass(frozen=True)
+class FitResult:
+    step: int
+    """Optimizer steps done."""
+    checkpoint: Path | None
+    """The last checkpoint written."""
+    interrupted: str | None
+    """The signal that stopped the run early, if any."""
+
+
 def fit(model: torch.nn.Module, order: DataOrder, optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
         settings: FitSettings, device: torch.device, total_steps: int, metrics: MetricsLog,
-        start_step: int = 0) -> None:
-    """Optimizer steps start_step .. total_steps-1, one metrics line each."""
-    skipped_total = 0
-    started = time.perf_counter()
+        plan: CheckpointPlan, start_step: int = 0, progress: dict[str, Any] | None = None) -> FitResult:
+    """Optimizer steps start_step .. total_steps-1, one metrics line each; checkpoints every
+    `plan.every` steps, at the end, and when a stop signal arrives."""
+    progress = dict(progress or {"skipped_total": 0, "elapsed_s": 0.0})
+    checkpoint = None
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
                disable=not settings.progress, unit="step")
-    for step in bar:
-        t0 = time.perf_counter()
-        epoch, micro = order.window(step)
-        batches = [collate(b, settings.pad_id) for b in micro]
-        lr = scheduler.get_last_lr()[0]
-        loss_t = train_step(model, batches, scaler, settings.precision, device,
-                            settings.supervised_logits_only)
-        grad_norm, skipped = optimizer_step(model, optimizer, scheduler, scaler, settings.max_grad_norm)
-        loss = float(loss_t)  # sync point: once per optimizer step
-        if not skipped and not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise Diverged(f"step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite "
-                           f"and no GradScaler skipped it; stopping")
-        skipped_total += skipped
-        seconds = time.perf_counter() - t0
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        record = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
-                  "skipped": skipped, "skipped_total": skipped_total, "tokens": tokens,
-                  "supervised_tokens": sum(supervised_count(b) for b in batches),
-                  "tokens_per_s": tokens / seconds, "step_s": seconds,
-                  "elapsed_s": time.perf_counter() - started, "mem": memory_now(device)}
-        metrics.write(record)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
+    with StopSignal() as stop:
+        for step in bar:
+            record = run_step(model, order, optimizer, scheduler, scaler, settings, device, step, progress)
+            metrics.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
+            done = step + 1
+            if (plan.every and done % plan.every == 0) or done == total_steps or stop.received:
+                check_adapter_finite(model, done)  # never write non-finite weights
+                checkpoint = save_checkpoint(plan.run_dir, done, model, optimizer, scheduler, scaler,
+                                             plan.config, plan.data_fingerprint, progress, plan.keep_last)
+            if stop.received:
+                return FitResult(step=done, checkpoint=checkpoint, interrupted=stop.received)
+    return FitResult(step=total_steps, checkpoint=checkpoint, interrupted=None)
+
+
+def run_step(model: torch.nn.Module, order: DataOrder, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+             settings: FitSettings, device: torch.device, step: int,
+             progress: dict[str, Any]) -> dict[str, Any]:
+    """One optimizer step (0-based `step`) and its metrics line; updates `progress` in place."""
+    t0 = time.perf_counter()
+    epoch, micro = order.window(step)
+    batches = [collate(b, settings.pad_id) for b in micro]
+    lr = scheduler.get_last_lr()[0]
+    loss_t = train_step(model, batches, scaler, settings.precision, device, settings.supervised_logits_only)
+    grad_norm, skipped = optimizer_step(model, optimizer, scheduler, scaler, settings.max_grad_norm)
+    loss = float(loss_t)  # sync point: once per optimizer step
+    if not skipped and not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise Diverged(f"step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite and no "
+                       f"GradScaler skipped it; stopping without saving")
+    seconds = time.perf_counter() - t0
+    progress["skipped_total"] += skipped
+    progress["elapsed_s"] += seconds
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    return {"step": step + 1, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
+            "skipped": skipped, "skipped_total": progress["skipped_total"], "tokens": tokens,
+            "supervised_tokens": sum(supervised_count(b) for b in batches),
+            "tokens_per_s": tokens / seconds, "step_s": seconds, "elapsed_s": progress["elapsed_s"],
+            "mem": memory_now(device)}
+
+
+def check_adapter_finite(model: torch.nn.Module, step: int) -> None:
+    """A sync point, run only before saving."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and not bool(torch.isfinite(p).all()):
+            raise Diverged(f"step {step}: adapter weight {name} is not finite; stopping without saving")
