@@ -29,7 +29,8 @@ from qlora.data import inspect_rows, prepare_data
 from qlora.errors import UserError
 from qlora.logs import MetricsLog
 from qlora.loop import CheckpointPlan, FitSettings, fit
-from qlora.model import build_model, load_tokenizer, resolve_device, trainable_parameters
+from qlora.memory import estimate_for_config, format_estimate
+from qlora.model import build_model, load_tokenizer, read_architecture, resolve_device, trainable_parameters
 from qlora.optim import build_optimizer, build_scaler, build_scheduler
 
 
@@ -43,7 +44,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--inspect-data", type=int, metavar="N",
                    help="show the first N encoded examples and exit (loads no model)")
     p.add_argument("--json", action="store_true", help="with --inspect-data: print a JSON list")
-    return p.parse_args(argv)
+    p.add_argument("--estimate-memory", action="store_true",
+                   help="print the predicted peak before loading the model, and the measured one at the end")
+    p.add_argument("--memory-snapshot", type=int, default=0, metavar="N",
+                   help="record allocations for the first N steps into <output_dir>/memory_snapshot.pickle")
+    return p.parse_intermixed_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -54,7 +59,12 @@ def run(args: argparse.Namespace) -> None:
     # 2. data: tokenize, mask prompts, cut long contexts around the answer
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, t.seed)
-    if args.inspect_data is not None:
+    estimate = None
+    if args.estimate_memory:  # from config.json and the longest row: nothing is loaded
+        estimate = estimate_for_config(cfg, read_architecture(cfg.model),
+                                       seq=max(len(r.input_ids) for r in data.rows))
+        print(format_estimate(estimate))
+    if args.inspect_data is not None:  # also the way to stop after the estimate: --inspect-data 0
         show_examples(inspect_rows(data, tokenizer, args.inspect_data), args.json)
         return
     print("\n".join(data.report.lines()))
@@ -83,7 +93,8 @@ def run(args: argparse.Namespace) -> None:
         truncate_metrics(run_dir / "metrics.jsonl", ckpt.step)
     settings = FitSettings(precision=t.precision, max_grad_norm=t.max_grad_norm,
                            supervised_logits_only=t.supervised_logits_only,
-                           pad_id=tokenizer.pad_token_id, progress=cfg.log.progress)
+                           pad_id=tokenizer.pad_token_id, progress=cfg.log.progress,
+                           memory_snapshot_steps=args.memory_snapshot)
     plan = CheckpointPlan(run_dir=run_dir, every=t.save_every, keep_last=t.keep_last, config=cfg,
                           data_fingerprint=fingerprint)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
@@ -93,6 +104,10 @@ def run(args: argparse.Namespace) -> None:
                      progress=ckpt.state["progress"] if ckpt else None)
     finally:
         metrics.close()
+    if estimate and result.peak_gib is not None:
+        measured, predicted = result.peak_gib, estimate["total"] / 2**30
+        print(f"peak allocated: measured {measured:.2f} GiB, estimated {predicted:.2f} GiB "
+              f"({100 * (predicted - measured) / measured:+.1f}%)")
     if result.interrupted:
         print(f"{result.interrupted}: stopped after step {result.step}, saved {result.checkpoint}\n"
               f"resume with: python train.py --config {args.config} {' '.join(args.overrides)} --resume".rstrip())

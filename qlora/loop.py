@@ -28,13 +28,24 @@ from qlora.config import Config
 from qlora.data import IGNORE
 from qlora.errors import UserError
 from qlora.logs import MetricsLog
-from qlora.memory import memory_now
+from qlora.memory import (PHASES, MemoryMeter, dump_history, format_breakdown, memory_line, start_history,
+                          startup_breakdown, write_breakdown)
 from qlora.model import DTYPES
 
 
 class Diverged(UserError):
     """The loss or the gradients became non-finite where no GradScaler could skip the step."""
     exit_code = 4
+
+
+class OutOfMemory(UserError):
+    """CUDA ran out of memory; the message holds the failing step's memory and what to turn."""
+    exit_code = 3
+
+
+OOM_KNOBS = ("to lower the peak: train.batch_size (raise train.grad_accum to keep the effective "
+             "batch), data.max_length, model.gradient_checkpointing=true, "
+             "train.supervised_logits_only=true, train.optimizer=paged_adamw_8bit")
 
 
 def supervised_count(batch: dict[str, torch.Tensor]) -> int:
@@ -67,7 +78,7 @@ def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], pre
 
 def train_step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
                scaler: torch.amp.GradScaler, precision: str, device: torch.device,
-               supervised_logits_only: bool) -> torch.Tensor:
+               supervised_logits_only: bool, meter: MemoryMeter) -> torch.Tensor:
     """Forward and backward over one accumulation window; returns the window's mean token loss
     (a device tensor: reading it is a sync point, left to the caller).
 
@@ -77,8 +88,10 @@ def train_step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
     window_tokens = sum(supervised_count(b) for b in batches)
     total = torch.zeros((), device=device)
     for batch in batches:
-        loss = micro_batch_loss(model, batch, precision, device, supervised_logits_only) / window_tokens
-        scaler.scale(loss).backward()  # frees this micro-batch's activations
+        with meter.phase("forward"):
+            loss = micro_batch_loss(model, batch, precision, device, supervised_logits_only) / window_tokens
+        with meter.phase("backward"):
+            scaler.scale(loss).backward()  # frees this micro-batch's activations
         total += loss.detach()
     return total
 
@@ -107,6 +120,8 @@ class FitSettings:
     supervised_logits_only: bool
     pad_id: int
     progress: bool
+    memory_snapshot_steps: int = 0
+    """Record every allocation for this many steps and dump memory_snapshot.pickle."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +162,8 @@ class FitResult:
     """The last checkpoint written."""
     interrupted: str | None
     """The signal that stopped the run early, if any."""
+    peak_gib: float | None
+    """Largest per-phase peak allocated over the steps run (CUDA only)."""
 
 
 def fit(model: torch.nn.Module, order: DataOrder, optimizer: torch.optim.Optimizer,
@@ -156,36 +173,70 @@ def fit(model: torch.nn.Module, order: DataOrder, optimizer: torch.optim.Optimiz
     """Optimizer steps start_step .. total_steps-1, one metrics line each; checkpoints every
     `plan.every` steps, at the end, and when a stop signal arrives."""
     progress = dict(progress or {"skipped_total": 0, "elapsed_s": 0.0})
-    checkpoint = None
+    meter = MemoryMeter(device)
+    checkpoint, peak = None, None
+    recording = start_history(settings.memory_snapshot_steps, device)
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
                disable=not settings.progress, unit="step")
     with StopSignal() as stop:
         for step in bar:
-            record = run_step(model, order, optimizer, scheduler, scaler, settings, device, step, progress)
+            try:
+                record = run_step(model, order, optimizer, scheduler, scaler, settings, device, step,
+                                  progress, meter)
+            except torch.OutOfMemoryError:
+                raise OutOfMemory(oom_report(step + 1, device)) from None
             metrics.write(record)
+            peak = max(filter(None, (peak, step_peak(record))), default=None)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                            tok_s=f"{record['tokens_per_s']:.0f}")
+                            tok_s=f"{record['tokens_per_s']:.0f}", **peak_postfix(record))
             done = step + 1
+            if step == start_step:  # optimizer states exist only after the first step
+                breakdown = startup_breakdown(model, optimizer, device)
+                tqdm.write(format_breakdown(breakdown))
+                write_breakdown(breakdown, plan.run_dir)
+            if recording and done - start_step == settings.memory_snapshot_steps:
+                dump_history(plan.run_dir / "memory_snapshot.pickle")
+                recording = False
             if (plan.every and done % plan.every == 0) or done == total_steps or stop.received:
                 check_adapter_finite(model, done)  # never write non-finite weights
                 checkpoint = save_checkpoint(plan.run_dir, done, model, optimizer, scheduler, scaler,
                                              plan.config, plan.data_fingerprint, progress, plan.keep_last)
             if stop.received:
-                return FitResult(step=done, checkpoint=checkpoint, interrupted=stop.received)
-    return FitResult(step=total_steps, checkpoint=checkpoint, interrupted=None)
+                return FitResult(step=done, checkpoint=checkpoint, interrupted=stop.received, peak_gib=peak)
+    return FitResult(step=total_steps, checkpoint=checkpoint, interrupted=None, peak_gib=peak)
+
+
+def step_peak(record: dict[str, Any]) -> float | None:
+    mem = record["mem"]
+    return None if mem["peak_forward_gib"] is None else max(mem[f"peak_{p}_gib"] for p in PHASES)
+
+
+def peak_postfix(record: dict[str, Any]) -> dict[str, str]:
+    peak = step_peak(record)
+    return {"rss": f"{record['mem']['rss_gib']:.2f}G"} if peak is None else {"peak": f"{peak:.2f}G"}
+
+
+def oom_report(step: int, device: torch.device) -> str:
+    """What a user needs after an OOM: where memory stood, and which knobs lower the peak."""
+    if device.type != "cuda":
+        return f"out of memory in step {step}: {memory_line(device)}; {OOM_KNOBS}"
+    return (f"CUDA out of memory in step {step}: {memory_line(device)}; "
+            f"checkpoints already written are intact; {OOM_KNOBS}")
 
 
 def run_step(model: torch.nn.Module, order: DataOrder, optimizer: torch.optim.Optimizer,
              scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
              settings: FitSettings, device: torch.device, step: int,
-             progress: dict[str, Any]) -> dict[str, Any]:
+             progress: dict[str, Any], meter: MemoryMeter) -> dict[str, Any]:
     """One optimizer step (0-based `step`) and its metrics line; updates `progress` in place."""
     t0 = time.perf_counter()
     epoch, micro = order.window(step)
     batches = [collate(b, settings.pad_id) for b in micro]
     lr = scheduler.get_last_lr()[0]
-    loss_t = train_step(model, batches, scaler, settings.precision, device, settings.supervised_logits_only)
-    grad_norm, skipped = optimizer_step(model, optimizer, scheduler, scaler, settings.max_grad_norm)
+    loss_t = train_step(model, batches, scaler, settings.precision, device, settings.supervised_logits_only,
+                        meter)
+    with meter.phase("optimizer"):
+        grad_norm, skipped = optimizer_step(model, optimizer, scheduler, scaler, settings.max_grad_norm)
     loss = float(loss_t)  # sync point: once per optimizer step
     if not skipped and not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise Diverged(f"step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite and no "
@@ -199,7 +250,7 @@ def run_step(model: torch.nn.Module, order: DataOrder, optimizer: torch.optim.Op
             "skipped": skipped, "skipped_total": progress["skipped_total"], "tokens": tokens,
             "supervised_tokens": sum(supervised_count(b) for b in batches),
             "tokens_per_s": tokens / seconds, "step_s": seconds, "elapsed_s": progress["elapsed_s"],
-            "mem": memory_now(device)}
+            "mem": meter.step_record()}
 
 
 def check_adapter_finite(model: torch.nn.Module, step: int) -> None:

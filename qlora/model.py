@@ -81,15 +81,20 @@ def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def read_architecture(cfg: ModelConfig) -> Any:
+    """The model's config.json (from `arch`, else `name`): shapes for random_init and the memory
+    estimate, without loading weights."""
+    arch = cfg.arch or cfg.name
+    try:
+        return AutoConfig.from_pretrained(arch, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the architecture of {arch!r}: {str(e).splitlines()[0]}") from None
+
+
 def random_init_checkpoint(cfg: ModelConfig, seed: int, device: torch.device) -> Path:
     """Write (once) a random model of the architecture in `cfg.arch or cfg.name` and return its
     directory. The cache key covers the architecture and the seed."""
-    arch = cfg.arch or cfg.name
-    try:
-        config = AutoConfig.from_pretrained(arch, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the architecture of {arch!r} for random_init: "
-                        f"{str(e).splitlines()[0]}") from None
+    config = read_architecture(cfg)
     key = hashlib.sha256(f"{config.to_json_string()}|{seed}".encode()).hexdigest()[:16]
     out = Path(cfg.random_init_cache) / key
     if (out / "config.json").is_file():

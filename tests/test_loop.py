@@ -10,10 +10,12 @@ from transformers import get_cosine_schedule_with_warmup
 from qlora.batching import collate
 from qlora.config import TrainConfig
 from qlora.data import IGNORE, Encoded, Example
+from qlora.memory import MemoryMeter
 from qlora.loop import micro_batch_loss, optimizer_step, supervised_count, train_step
 from qlora.optim import build_optimizer, build_scaler, build_scheduler, warmup_steps
 
 CPU = torch.device("cpu")
+METER = MemoryMeter(CPU)
 
 
 def make_rows(lengths, answer_lengths, seed=0):
@@ -36,11 +38,11 @@ def test_accumulation_equals_one_big_batch(tiny_model_factory):
     model = tiny_model_factory("fp32")
     rows = make_rows([12, 40, 25, 9, 33, 18], [2, 9, 4, 1, 7, 3])
     scaler = build_scaler("fp32", CPU)
-    train_step(model, [collate(rows, 0)], scaler, "fp32", CPU, True)
+    train_step(model, [collate(rows, 0)], scaler, "fp32", CPU, True, METER)
     big = lora_grads(model)
     model.zero_grad()
     micro = [collate(rows[:1], 0), collate(rows[1:4], 0), collate(rows[4:], 0)]
-    train_step(model, micro, scaler, "fp32", CPU, True)
+    train_step(model, micro, scaler, "fp32", CPU, True, METER)
     acc = lora_grads(model)
     for name in big:
         torch.testing.assert_close(acc[name], big[name], rtol=1e-5, atol=1e-7)
@@ -75,7 +77,7 @@ def test_fp16_gradscaler_skips_a_step_on_inf(tiny_model_factory):
     scaler = build_scaler("fp16", CPU)
     batch = collate(make_rows([20, 15], [4, 4]), 0)
 
-    train_step(model, [batch], scaler, "fp16", CPU, True)
+    train_step(model, [batch], scaler, "fp16", CPU, True, METER)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     next(p for p in model.parameters() if p.requires_grad).grad[0, 0] = float("inf")
     scale = scaler.get_scale()
@@ -83,7 +85,7 @@ def test_fp16_gradscaler_skips_a_step_on_inf(tiny_model_factory):
     assert skipped and scaler.get_scale() == scale / 2
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
 
-    train_step(model, [batch], scaler, "fp16", CPU, True)
+    train_step(model, [batch], scaler, "fp16", CPU, True, METER)
     grad_norm, skipped = optimizer_step(model, optimizer, scheduler, scaler, 1.0)
     assert not skipped and math.isfinite(grad_norm)
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)

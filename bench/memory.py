@@ -1,0 +1,99 @@
+"""Peak memory of one training step at fixed shapes, beside the estimate (issue: memory audit).
+
+Loads the model once (random_init in the given config), then for each max length and with and
+without gradient checkpointing runs two optimizer steps on a batch of the longest KorQuAD rows cut
+to exactly that length, and records peak allocated and reserved memory.
+
+    python bench/memory.py --config configs/llama2-7b-korquad.yaml model.random_init=true \
+        model.tokenizer=.devdata/tokenizer data.source=.devdata/KorQuAD_v1.0_dev.json \
+        --lengths 512 1024 2048 --out bench/results/memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from qlora.batching import collate  # noqa: E402
+from qlora.config import load_config  # noqa: E402
+from qlora.data import encode_example, load_examples  # noqa: E402
+from qlora.loop import optimizer_step, train_step  # noqa: E402
+from qlora.memory import GIB, MemoryMeter, estimate_for_config  # noqa: E402
+from qlora.model import build_model, load_tokenizer, read_architecture, resolve_device  # noqa: E402
+from qlora.optim import build_optimizer, build_scaler, build_scheduler  # noqa: E402
+
+
+def longest_rows(cfg, tokenizer, length: int, batch: int):
+    """The `batch` examples with the longest contexts, encoded at max length `length`."""
+    examples = sorted(load_examples(cfg.data.source), key=lambda e: -len(e.context))
+    rows = [r for r in (encode_example(e, tokenizer, "extractive", length) for e in examples[:batch * 4]) if r]
+    return rows[:batch]
+
+
+def measure(model, cfg, device, batch, checkpointing: bool) -> dict[str, float]:
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, 10)
+    scaler = build_scaler(cfg.train.precision, device)
+    meter = MemoryMeter(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    peaks = []
+    for _ in range(2):
+        train_step(model, [batch], scaler, cfg.train.precision, device, cfg.train.supervised_logits_only, meter)
+        with meter.phase("optimizer"):
+            optimizer_step(model, optimizer, scheduler, scaler, cfg.train.max_grad_norm)
+        peaks.append(meter.step_peak_gib())
+        meter.step_record()
+    reserved = torch.cuda.max_memory_reserved(device) / GIB
+    del optimizer
+    return {"peak_allocated_gib": max(peaks), "peak_reserved_gib": reserved}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_intermixed_args()
+    cfg = load_config(args.config, args.overrides)
+    device = resolve_device(cfg.train.device)
+    tokenizer = load_tokenizer(cfg.model)
+    model = build_model(cfg.model, cfg.lora, cfg.train.precision, device, cfg.train.seed)
+    hf_config = read_architecture(cfg.model)
+    results = []
+    for length in args.lengths:
+        rows = longest_rows(cfg, tokenizer, length, cfg.train.batch_size)
+        batch = collate(rows, tokenizer.pad_token_id)
+        for checkpointing in (True, False):
+            shaped = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gradient_checkpointing=checkpointing))
+            estimate = estimate_for_config(shaped, hf_config, seq=batch["input_ids"].shape[1])["total"] / GIB
+            row = {"max_length": length, "width": batch["input_ids"].shape[1], "batch": len(rows),
+                   "checkpointing": checkpointing, **measure(model, cfg, device, batch, checkpointing),
+                   "estimate_gib": estimate}
+            row["estimate_error_pct"] = 100 * (estimate - row["peak_allocated_gib"]) / row["peak_allocated_gib"]
+            print(json.dumps(row), flush=True)
+            results.append(row)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(device),
+        "torch": torch.__version__, "command": " ".join(sys.argv), "precision": cfg.train.precision,
+        "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
