@@ -225,8 +225,8 @@ MODULE_DIMS = {  # (in, out) of each linear layer of a Llama block, as functions
 
 
 def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: tuple[str, ...],
-                  optimizer: str, checkpointing: bool, double_quant: bool, logits_everywhere: bool,
-                  compute_bytes: int = 2) -> dict[str, int]:
+                  lora_dropout: bool, optimizer: str, checkpointing: bool, double_quant: bool,
+                  logits_everywhere: bool, compute_bytes: int = 2) -> dict[str, int]:
     """Predicted peak allocated bytes of one training step, by component.
 
     - quantized weights: 4 bits per weight + one absmax per 64 weights (8-bit with double
@@ -234,9 +234,12 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
     - embeddings, LM head and norms: fp32 (prepare_model_for_kbit_training upcasts them);
     - LoRA: fp32 weights + fp32 gradients; optimizer: 2 states of 1 byte (8-bit, + an fp32 absmax
       per 256) or 4 bytes (torch AdamW);
-    - activations: the residual stream is fp32 (fp32 norm weights promote it), so with
-      checkpointing each layer keeps its fp32 input, and one layer is recomputed at a time;
-      without, every layer keeps its working set;
+    - activations: the residual stream is fp32 (fp32 norm weights promote it). One layer saves its
+      matmul inputs, attention and MLP intermediates in the compute dtype, its fp32 norm outputs,
+      and, with LoRA dropout, an fp32 dropped copy and a mask of the input of each adapted module.
+      With checkpointing every layer keeps only its fp32 input, and the layer being recomputed adds
+      its saved tensors plus about half again for their gradients (fitted on Llama-2-7B, H200);
+      without, every layer keeps its saved tensors;
     - logits: fp32 [batch, positions, vocab] plus its gradient, at every position or only at
       supervised ones (~1% of them for KorQuAD answers).
     """
@@ -249,15 +252,14 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
     state_bytes = 2 * (1 + 4 / 256) if optimizer in ("paged_adamw_8bit", "adamw_8bit") else 8
     tokens = batch * seq
     kv = shape.hidden * shape.kv_heads // shape.heads
-    # one layer's saved tensors in the compute dtype (inputs of each matmul, attention output,
-    # MLP intermediates) plus its fp32 residual and norm outputs
-    layer_working = tokens * (compute_bytes * (4 * shape.hidden + 2 * kv + 3 * shape.intermediate)
-                              + 4 * 3 * shape.hidden)
+    dropout_copies = sum(MODULE_DIMS[t](shape)[0] for t in targets) * (4 + 1) if lora_dropout else 0
+    layer_saved = tokens * (compute_bytes * (4 * shape.hidden + 2 * kv + 3 * shape.intermediate)
+                            + 4 * 3 * shape.hidden + dropout_copies)
     residual = tokens * shape.hidden * 4
     if checkpointing:
-        activations = shape.layers * residual + 2 * layer_working
+        activations = shape.layers * residual + 1.5 * layer_saved
     else:
-        activations = shape.layers * layer_working + residual
+        activations = shape.layers * layer_saved + residual
     positions = seq if logits_everywhere else max(1, math.ceil(seq * 0.02))
     logits = batch * positions * shape.vocab * (compute_bytes + 4 + 4)
     # dequantizing one weight matrix for the matmul, forward and backward
@@ -271,7 +273,8 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
 def estimate_for_config(cfg: Config, hf_config: Any, seq: int) -> dict[str, int]:
     """The estimate for a run of `cfg` whose longest batch is `seq` tokens wide."""
     return estimate_peak(shape_of(hf_config), batch=cfg.train.batch_size, seq=seq, lora_r=cfg.lora.r,
-                         targets=cfg.lora.target_modules, optimizer=cfg.train.optimizer,
+                         targets=cfg.lora.target_modules, lora_dropout=cfg.lora.dropout > 0,
+                         optimizer=cfg.train.optimizer,
                          checkpointing=cfg.model.gradient_checkpointing,
                          double_quant=cfg.model.double_quant,
                          logits_everywhere=not cfg.train.supervised_logits_only,

@@ -58,8 +58,8 @@ def test_breakdown_is_written_and_adds_up(short_run, tiny_model_factory):
 
 def test_estimate_arithmetic_on_a_known_shape():
     shape = Shape(vocab=100, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=4)
-    e = estimate_peak(shape, batch=2, seq=10, lora_r=4, targets=("q_proj", "v_proj"), optimizer="adamw",
-                      checkpointing=True, double_quant=False, logits_everywhere=True)
+    kwargs = dict(batch=2, seq=10, lora_r=4, targets=("q_proj", "v_proj"), optimizer="adamw", double_quant=False)
+    e = estimate_peak(shape, **kwargs, lora_dropout=False, checkpointing=True, logits_everywhere=True)
     linear = 2 * (4 * 64 * 64 + 3 * 64 * 128)  # q,k,v,o + gate,up,down, two layers
     assert e["quantized_weights"] == int(linear * 0.5 + linear / 64 * 4)
     assert e["fp32_embeddings_head_norms"] == (2 * 100 * 64 + 5 * 64) * 4
@@ -67,12 +67,13 @@ def test_estimate_arithmetic_on_a_known_shape():
     assert e["lora_weights_and_grads"] == lora * 8 and e["optimizer_state"] == lora * 8
     tokens = 20
     layer = tokens * (2 * (4 * 64 + 2 * 64 + 3 * 128) + 4 * 3 * 64)
-    assert e["activations"] == 2 * tokens * 64 * 4 + 2 * layer
+    assert e["activations"] == int(2 * tokens * 64 * 4 + 1.5 * layer)
     assert e["logits"] == 2 * 10 * 100 * (2 + 4 + 4)
     assert e["total"] == sum(v for k, v in e.items() if k != "total")
-    no_ckpt = estimate_peak(shape, batch=2, seq=10, lora_r=4, targets=("q_proj", "v_proj"), optimizer="adamw",
-                            checkpointing=False, double_quant=False, logits_everywhere=False)
+    no_ckpt = estimate_peak(shape, **kwargs, lora_dropout=False, checkpointing=False, logits_everywhere=False)
     assert no_ckpt["activations"] == 2 * layer + tokens * 64 * 4 and no_ckpt["logits"] < e["logits"]
+    dropout = estimate_peak(shape, **kwargs, lora_dropout=True, checkpointing=False, logits_everywhere=False)
+    assert dropout["activations"] - no_ckpt["activations"] == 2 * tokens * (64 + 64) * 5
 
 
 def test_estimate_is_printed_before_the_model_loads(tmp_path, capsys):
