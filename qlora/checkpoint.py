@@ -37,7 +37,8 @@ from qlora.errors import UserError
 CHECKPOINTS = "checkpoints"
 ADAPTER, OPTIMIZER, STATE, META = "adapter_model.safetensors", "optimizer.pt", "state.pt", "meta.json"
 # Config keys a resumed run may change: they do not touch the numbers being computed.
-HARMLESS = {"log.progress", "train.save_every", "train.keep_last", "train.output_dir", "train.device",
+HARMLESS = {"log.progress", "eval.source", "eval.split", "eval.batch_size", "eval.max_new_tokens",
+            "eval.quantized", "train.save_every", "train.keep_last", "train.output_dir", "train.device",
             "model.random_init_cache"}
 
 

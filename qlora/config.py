@@ -94,6 +94,18 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    source: str | None = None
+    """Questions to answer and score (KorQuAD layout file or hub id); None: data.source."""
+    split: str = "validation"
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    """Generated tokens per answer; the prompt keeps data.max_length minus this."""
+    quantized: bool = True
+    """Load the base in 4-bit as in training; false: plain weights in train.precision."""
+
+
+@dataclass(frozen=True)
 class LogConfig:
     progress: bool = True
     """Show the tqdm bar."""
@@ -105,6 +117,7 @@ class Config:
     data: DataConfig
     train: TrainConfig
     lora: LoraConfig = field(default_factory=LoraConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -239,6 +252,8 @@ def check_values(cfg: Config) -> list[str]:
         (t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
          f"train.device: {t.device!r} is not allowed (allowed: auto, cpu, cuda, cuda:N)"),
         (d.max_length >= 16, "data.max_length: must be >= 16"),
+        (cfg.eval.batch_size >= 1, "eval.batch_size: must be >= 1"),
+        (1 <= cfg.eval.max_new_tokens < d.max_length, "eval.max_new_tokens: must be in [1, data.max_length)"),
         (d.limit is None or d.limit >= 1, "data.limit: must be >= 1 or null"),
         (lo.r >= 1, "lora.r: must be >= 1"),
         (lo.alpha > 0, "lora.alpha: must be > 0"),

@@ -26,6 +26,8 @@ class Example:
     answer: str
     context: str = ""
     answer_start: int = -1
+    answers: tuple[str, ...] = ()
+    """Every gold answer text (scoring takes the best match); `answer` is the first, the one trained on."""
 
 
 @dataclass(frozen=True)
@@ -118,25 +120,29 @@ def _example(record: Any, index: int, where: str) -> Example:
     for name in ("question", "answers"):
         if name not in record:
             raise UserError(f"{where}: example {ident} has no field {name!r}")
-    text, start = _first_answer(record["answers"], ident, where)
+    answers = _answers(record["answers"], ident, where)
+    text, start = answers[0]
     context = record.get("context") or ""
     if context and context[start:start + len(text)] != text:
         raise UserError(f"{where}: example {ident}: answer {text!r} not found at offset {start} of its context")
-    return Example(id=ident, question=record["question"], answer=text, context=context, answer_start=start)
+    return Example(id=ident, question=record["question"], answer=text, context=context, answer_start=start,
+                   answers=tuple(t for t, _ in answers))
 
 
-def _first_answer(answers: Any, ident: str, where: str) -> tuple[str, int]:
+def _answers(answers: Any, ident: str, where: str) -> list[tuple[str, int]]:
     """Official layout: a list of {text, answer_start}; hub layout: {text: [...], answer_start: [...]}."""
     try:
         if isinstance(answers, dict):
-            text, start = answers["text"][0], answers["answer_start"][0]
+            pairs = list(zip(answers["text"], answers["answer_start"]))
         else:
-            text, start = answers[0]["text"], answers[0]["answer_start"]
-    except (KeyError, IndexError, TypeError):
-        raise UserError(f"{where}: example {ident} has no answer with 'text' and 'answer_start'") from None
-    if not isinstance(text, str) or not text or not isinstance(start, int):
+            pairs = [(a["text"], a["answer_start"]) for a in answers]
+    except (KeyError, TypeError):
+        pairs = []
+    if not pairs:
+        raise UserError(f"{where}: example {ident} has no answer with 'text' and 'answer_start'")
+    if not all(isinstance(t, str) and t and isinstance(s, int) for t, s in pairs):
         raise UserError(f"{where}: example {ident}: answer must be non-empty text with an integer answer_start")
-    return text, start
+    return pairs
 
 
 def select_examples(examples: list[Example], cfg: DataConfig, seed: int) -> list[Example]:
@@ -160,27 +166,34 @@ def encode_example(example: Example, tokenizer: Any, fmt: str, max_length: int) 
     merge pieces across the boundary of the joined text, so the answer's ids could not be found in
     it. Returns None when the example cannot fit even with its context cut."""
     answer_ids = tokenizer(example.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    budget = max_length - len(answer_ids)
-    prompt_ids = tokenizer(render_prompt(fmt, example.question, example.context)).input_ids
-    truncated = len(prompt_ids) > budget
-    if truncated:
-        prompt_ids = fit_context(example, tokenizer, fmt, budget) if fmt == "extractive" else None
-        if prompt_ids is None:
-            return None
+    answer_span = (example.answer_start, example.answer_start + len(example.answer))
+    prompt_ids, truncated = encode_prompt(example, tokenizer, fmt, max_length - len(answer_ids), keep=answer_span)
+    if prompt_ids is None:
+        return None
     return Encoded(example=example, input_ids=prompt_ids + answer_ids,
                    labels=[IGNORE] * len(prompt_ids) + answer_ids, truncated=truncated)
 
 
-def fit_context(example: Example, tokenizer: Any, fmt: str, budget: int) -> list[int] | None:
+def encode_prompt(example: Example, tokenizer: Any, fmt: str, budget: int,
+                  keep: tuple[int, int] = (0, 1)) -> tuple[list[int] | None, bool]:
+    """(prompt ids of at most `budget` tokens, whether the context was cut). Only an extractive
+    context is ever cut: to a window around the characters `keep` (the answer span in training;
+    the context's start at generation time, when the answer is unknown). None when it cannot fit."""
+    ids = tokenizer(render_prompt(fmt, example.question, example.context)).input_ids
+    if len(ids) <= budget:
+        return ids, False
+    return (fit_context(example, tokenizer, fmt, budget, keep) if fmt == "extractive" else None), True
+
+
+def fit_context(example: Example, tokenizer: Any, fmt: str, budget: int,
+                keep: tuple[int, int]) -> list[int] | None:
     """Prompt ids of at most `budget` tokens whose context is a window of the original context
-    that holds the whole answer span, as centred on it as the context allows. The question is never
-    cut. None when even the answer span alone does not fit."""
+    that holds the characters keep[0]:keep[1], as centred on them as the context allows. The
+    question is never cut. None when even the kept span alone does not fit."""
     room = budget - len(tokenizer(render_prompt(fmt, example.question, "")).input_ids)
-    enc = tokenizer(example.context, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = enc.offset_mapping
-    a0, a1 = example.answer_start, example.answer_start + len(example.answer)
-    t0 = next(i for i, (s, e) in enumerate(offsets) if e > a0)
-    t1 = max(i for i, (s, e) in enumerate(offsets) if s < a1) + 1
+    offsets = tokenizer(example.context, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+    t0 = next(i for i, (s, e) in enumerate(offsets) if e > keep[0])
+    t1 = max(i for i, (s, e) in enumerate(offsets) if s < keep[1]) + 1
     for _ in range(8):  # re-tokenizing the cut text can shift a boundary token; shrink and retry
         if room < t1 - t0:
             return None

@@ -43,19 +43,26 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tokenizer
 
 
-def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torch.device,
-                seed: int) -> PeftModel:
+def load_base_model(cfg: ModelConfig, precision: str, device: torch.device, seed: int,
+                    quantized: bool = True) -> Any:
+    """from_pretrained with the 4-bit NF4 BitsAndBytesConfig (or plain `precision` weights when
+    not `quantized` or the config says load_in_4bit: false). The model is in eval mode."""
     compute_dtype = DTYPES[precision]
     path = random_init_checkpoint(cfg, seed, device) if cfg.random_init else cfg.name
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
                                bnb_4bit_use_double_quant=cfg.double_quant,
-                               bnb_4bit_compute_dtype=compute_dtype) if cfg.load_in_4bit else None
+                               bnb_4bit_compute_dtype=compute_dtype) if cfg.load_in_4bit and quantized else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        return AutoModelForCausalLM.from_pretrained(
             path, quantization_config=quant, dtype=compute_dtype, device_map={"": device},
             trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     except OSError as e:
         raise UserError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
+
+
+def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torch.device,
+                seed: int) -> PeftModel:
+    model = load_base_model(cfg, precision, device, seed)
     # Casts the small non-quantized weights (norms, embeddings, head) to fp32 and turns on
     # checkpointing; non-reentrant checkpointing replays dropout with the saved RNG state.
     model = prepare_model_for_kbit_training(
@@ -72,6 +79,26 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torc
     # from_pretrained leaves the model in eval mode: without this, checkpointing and dropout are off.
     model.train()
     return model
+
+
+def load_for_inference(cfg: ModelConfig, precision: str, device: torch.device, seed: int,
+                       adapter: Path | None, quantized: bool = True) -> Any:
+    """The base model as in training, with the saved adapter applied (or none), in eval mode."""
+    model = load_base_model(cfg, precision, device, seed, quantized)
+    if adapter is not None:
+        if not (adapter / "adapter_config.json").is_file():
+            raise UserError(f"no adapter in {adapter} (expected adapter_config.json, e.g. RUN/final)")
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval()
+
+
+def merge_adapter(cfg: ModelConfig, adapter: Path, out: Path, precision: str, seed: int) -> Path:
+    """Fold the adapter into unquantized base weights (merging into 4-bit weights would round the
+    update away) and save a standalone model that plain transformers loads."""
+    model = load_for_inference(cfg, precision, torch.device("cpu"), seed, adapter, quantized=False)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out)
+    return out
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:

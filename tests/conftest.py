@@ -42,3 +42,16 @@ def tiny_model_factory(tmp_path_factory):
         return build_model(cfg, LoraConfig(dropout=dropout), precision, torch.device("cpu"), seed)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """configs/tiny.yaml trained once through train.main: (run dir, random-init cache)."""
+    import train
+
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    cache = tmp_path_factory.mktemp("cache")
+    code = train.main(["--config", str(TINY_YAML), f"train.output_dir={out}",
+                       f"model.random_init_cache={cache}", "log.progress=false"])
+    assert code == 0
+    return out, cache

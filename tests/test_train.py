@@ -19,16 +19,6 @@ METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "loss_scale", "skipped", "toke
                "elapsed_s", "mem"}
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "tiny"
-    cache = tmp_path_factory.mktemp("cache")
-    code = train.main(["--config", str(TINY_YAML), f"train.output_dir={out}",
-                       f"model.random_init_cache={cache}", "log.progress=false"])
-    assert code == 0
-    return out, cache
-
-
 def test_loss_falls_and_every_step_is_logged(tiny_run):
     out, _ = tiny_run
     lines = read_metrics(out / "metrics.jsonl")

@@ -1,0 +1,158 @@
+"""Answer KorQuAD questions with the fine-tuned adapter and score them as the official script does.
+
+    python evaluate.py --config C --adapter RUN/final [--limit N] [--out DIR]   # predictions + metrics
+    python evaluate.py --config C --no-adapter [--limit N]                      # the base model, for before/after
+    python evaluate.py --config C --adapter RUN/final --tutorial                # the tutorial's 5-question check
+    python evaluate.py --config C --adapter RUN/final --merge-to DIR            # standalone fp16 model
+    python evaluate.py --score PREDICTIONS.json --data KorQuAD_v1.0_dev.json    # score an existing file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from qlora.config import Config, load_config
+from qlora.data import Example, load_examples, select_examples
+from qlora.errors import UserError
+from qlora.generate import generate_answers
+from qlora.korquad_metric import EXPECTED_VERSION, gold_answers, score
+from qlora.model import load_for_inference, load_tokenizer, merge_adapter, resolve_device
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="the training config (model, prompt format, eval section)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--adapter", type=Path, help="a saved adapter directory, e.g. RUN/final")
+    which.add_argument("--no-adapter", action="store_true", help="score the base model alone")
+    p.add_argument("--limit", type=int, help="answer only the first N questions")
+    p.add_argument("--out", type=Path, help="where predictions.json and metrics.json go")
+    p.add_argument("--tutorial", action="store_true", help="the tutorial's 5-question substring check")
+    p.add_argument("--merge-to", type=Path, metavar="DIR", help="merge the adapter into a standalone model")
+    p.add_argument("--merge-precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--score", type=Path, metavar="PREDICTIONS", help="score a predictions file (with --data)")
+    p.add_argument("--data", type=Path, help="the official-layout file --score scores against")
+    return p.parse_intermixed_args(argv)
+
+
+# ---------------------------------------------------------------- scoring files
+
+def read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def score_files(predictions_path: Path, data_path: Path) -> dict[str, Any]:
+    dataset = read_json(data_path, "data file")
+    if not isinstance(dataset, dict) or "data" not in dataset:
+        raise UserError(f"data file {data_path}: expected KorQuAD's {{'version', 'data'}} layout")
+    version = str(dataset.get("version", ""))
+    if not version.startswith(EXPECTED_VERSION):
+        raise UserError(f"data file {data_path} is version {version!r}; this scorer expects {EXPECTED_VERSION}")
+    predictions = read_json(predictions_path, "predictions file")
+    if not isinstance(predictions, dict) or not all(isinstance(v, str) for v in predictions.values()):
+        raise UserError(f"predictions file {predictions_path}: expected {{question_id: answer text}}")
+    try:
+        gold = gold_answers(dataset)
+    except (KeyError, TypeError) as e:
+        raise UserError(f"data file {data_path}: article, paragraph or question without field {e}") from None
+    unknown = sorted(set(predictions) - set(gold))
+    if unknown:
+        raise UserError(f"predictions file {predictions_path}: {len(unknown)} ids not in {data_path}, "
+                        f"e.g. {unknown[0]!r}")
+    return score(gold, predictions)
+
+
+# ---------------------------------------------------------------- answering
+
+def eval_examples(cfg: Config, limit: int | None) -> list[Example]:
+    source = cfg.eval.source or cfg.data.source
+    examples = load_examples(source, cfg.eval.split)
+    return examples[:limit] if limit else examples
+
+
+def answer_and_score(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
+    device = resolve_device(cfg.train.device)
+    tokenizer = load_tokenizer(cfg.model)
+    if args.tutorial:  # the tutorial asks 5 questions of the data it trained on
+        examples = select_examples(load_examples(cfg.data.source, cfg.data.split), cfg.data, cfg.train.seed)[:5]
+    else:
+        examples = eval_examples(cfg, args.limit)
+    model = load_for_inference(cfg.model, cfg.train.precision, device, cfg.train.seed,
+                               None if args.no_adapter else args.adapter, cfg.eval.quantized)
+    started = time.perf_counter()
+    answers = generate_answers(model, tokenizer, examples, cfg.data.format, cfg.data.max_length,
+                               cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.train.precision, device,
+                               progress=cfg.log.progress)
+    seconds = time.perf_counter() - started
+    if args.tutorial:
+        return tutorial_report(examples, answers)
+    out = args.out or (args.adapter.parent / "eval" if args.adapter else Path(cfg.train.output_dir) / "eval-base")
+    out.mkdir(parents=True, exist_ok=True)
+    predictions = {qid: answer for qid, (answer, _) in answers.items()}
+    (out / "predictions.json").write_text(json.dumps(predictions, ensure_ascii=False, indent=1), encoding="utf-8")
+    metrics = {**score({e.id: list(e.answers) for e in examples}, predictions),
+               "adapter": None if args.no_adapter else str(args.adapter), "seconds": seconds,
+               "questions_per_s": len(examples) / seconds, "batch_size": cfg.eval.batch_size}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+    print(f"wrote {out / 'predictions.json'} and {out / 'metrics.json'}")
+    return metrics
+
+
+def tutorial_report(examples: list[Example], answers: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """The tutorial's check: is the gold answer a substring of the generation?"""
+    hits = 0
+    for e in examples:
+        generation = answers[e.id][1]
+        hit = e.answer in generation
+        hits += hit
+        print(f"Q: {e.question}\nanswer: {e.answer}\ngeneration: {generation.strip()}\nmatch: {hit}\n")
+    print(f"score: {hits}/{len(examples)}")
+    return {"tutorial_score": hits, "questions": len(examples)}
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.score or args.data:
+        if not (args.score and args.data):
+            raise UserError("--score and --data go together")
+        result = score_files(args.score, args.data)
+        print(f"questions {result['questions']}, unanswered {result['unanswered']} (scored 0)")
+        print(json.dumps({"exact_match": result["exact_match"], "f1": result["f1"]}))  # as the official script
+        return
+    if not args.config:
+        raise UserError("--config is required (or --score with --data)")
+    if not (args.adapter or args.no_adapter):
+        raise UserError("name the adapter with --adapter RUN/final, or pass --no-adapter")
+    cfg = load_config(args.config, args.overrides)
+    if args.merge_to:
+        if not args.adapter:
+            raise UserError("--merge-to needs --adapter")
+        merge_adapter(cfg.model, args.adapter, args.merge_to, args.merge_precision, cfg.train.seed)
+        load_tokenizer(cfg.model).save_pretrained(args.merge_to)
+        print(f"merged model written to {args.merge_to}")
+        return
+    print(json.dumps(answer_and_score(args, cfg)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The official KorQuAD metric, scoring files, train -> evaluate end to end, merged export."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+import evaluate
+from qlora.korquad_metric import exact_match, f1, normalize_answer, score
+from tests.conftest import DEV_FILE, FIXTURE, ROOT, TINY_YAML
+
+
+@pytest.mark.parametrize("text, normalized", [
+    ("《훈민정음》", "훈민정음"),
+    ("〈세종실록〉 (1454)", "세종실록 1454"),
+    ("‘한강’의 기적!", "한강 의 기적"),
+    ("  LG  CNS.  ", "lg cns"),
+    ('"서울"', "서울"),
+])
+def test_normalize(text, normalized):
+    assert normalize_answer(text) == normalized
+
+
+def test_exact_match_and_character_f1_by_hand():
+    assert exact_match("서울.", "서울") == 1.0
+    assert exact_match("세종 대왕", "세종대왕") == 0.0
+    assert f1("세종 대왕", "세종대왕") == 1.0  # spaces do not count in character F1
+    # a particle attached: 2 of 3 predicted characters are right, all 2 gold ones are found
+    assert f1("서울에", "서울") == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))  # 0.8
+    # '1446년 10월' vs '1446년': common 1,4,4,6,년 = 5; precision 5/8, recall 1
+    assert f1("1446년 10월", "1446년") == pytest.approx(10 / 13)
+    assert f1("부산", "서울") == 0.0 and f1("", "서울") == 0.0
+
+
+def test_score_takes_the_best_answer_and_counts_the_unanswered():
+    gold = {"a": ["서울", "서울특별시"], "b": ["1446년"], "c": ["세종"]}
+    result = score(gold, {"a": "서울특별시", "b": "1446년에"})
+    assert result["unanswered"] == 1 and result["questions"] == 3
+    assert result["exact_match"] == pytest.approx(100 / 3)
+    assert result["f1"] == pytest.approx(100 * (1 + 2 * (5 / 6) / (5 / 6 + 1)) / 3)
+
+
+def score_cli(predictions, data):
+    return subprocess.run([sys.executable, "evaluate.py", "--score", str(predictions), "--data", str(data)],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.mark.skipif(not DEV_FILE.exists(), reason="the official dev file is not on this machine")
+def test_scoring_a_predictions_file_for_the_official_dev_set(tmp_path):
+    dataset = json.loads(DEV_FILE.read_text())
+    qas = [qa for a in dataset["data"] for p in a["paragraphs"] for qa in p["qas"]]
+    assert len(qas) == 5774
+    perfect = tmp_path / "perfect.json"
+    perfect.write_text(json.dumps({qa["id"]: qa["answers"][0]["text"] for qa in qas}, ensure_ascii=False))
+    result = score_cli(perfect, DEV_FILE)
+    assert result.returncode == 0
+    assert json.loads(result.stdout.splitlines()[-1]) == {"exact_match": 100.0, "f1": 100.0}
+    # every other question unanswered, the rest with a particle appended: EM 0, F1 shrinks
+    half = {qa["id"]: qa["answers"][0]["text"] + "에" for qa in qas[::2]}
+    (tmp_path / "half.json").write_text(json.dumps(half, ensure_ascii=False))
+    result = score_cli(tmp_path / "half.json", DEV_FILE)
+    last = json.loads(result.stdout.splitlines()[-1])
+    expected_f1 = 100 * sum(f1(qa["answers"][0]["text"] + "에", qa["answers"][0]["text"]) for qa in qas[::2]) / 5774
+    assert last["exact_match"] == 0.0 and last["f1"] == pytest.approx(expected_f1)
+    assert "unanswered 2887" in result.stdout
+
+
+@pytest.mark.parametrize("predictions, data_text, message", [
+    ('{"nope": "x"}', None, "1 ids not in"),
+    ("{broken", None, "is not valid JSON"),
+    ('["a list"]', None, "expected {question_id: answer text}"),
+    ('{}', '{"version": "KorQuAD_v2.0", "data": []}', "is version 'KorQuAD_v2.0'; this scorer expects KorQuAD_v1.0"),
+    ('{}', '{"version": "KorQuAD_v1.0", "data": [{"paragraphs": [{"qas": [{"id": 1}]}]}]}', "without field"),
+])
+def test_bad_scoring_inputs_exit_2(tmp_path, predictions, data_text, message):
+    data = tmp_path / "data.json"
+    data.write_text(data_text or json.dumps({"version": "KorQuAD_v1.0", "data": json.loads(FIXTURE.read_text())["data"]}))
+    (tmp_path / "p.json").write_text(predictions)
+    result = score_cli(tmp_path / "p.json", data)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_then_evaluate_end_to_end(tiny_run, capsys):
+    out, cache = tiny_run
+    common = ["--config", str(TINY_YAML), f"model.random_init_cache={cache}", "log.progress=false"]
+    assert evaluate.main([*common, "--adapter", str(out / "final")]) == 0
+    predictions = json.loads((out / "eval" / "predictions.json").read_text())
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    ids = [qa["id"] for a in json.loads(FIXTURE.read_text())["data"] for p in a["paragraphs"] for qa in p["qas"]]
+    assert sorted(predictions) == sorted(ids)
+    assert metrics["exact_match"] >= 90 and metrics["questions"] == 24
+    assert evaluate.main([*common, "--no-adapter", "--out", str(out / "base")]) == 0
+    base = json.loads((out / "base" / "metrics.json").read_text())
+    assert base["exact_match"] < 10  # a random model knows nothing; the adapter learned the answers
+    capsys.readouterr()
+    assert evaluate.main([*common, "--adapter", str(out / "final"), "--tutorial"]) == 0
+    printed = capsys.readouterr().out
+    assert "score: " in printed and printed.count("match: ") == 5
+
+
+def test_merged_model_gives_the_same_logits_as_base_plus_adapter(tiny_run, tmp_path):
+    out, cache = tiny_run
+    merged_dir = tmp_path / "merged"
+    assert evaluate.main(["--config", str(TINY_YAML), f"model.random_init_cache={cache}", "--adapter",
+                          str(out / "final"), "--merge-to", str(merged_dir), "--merge-precision", "fp32"]) == 0
+    (base_dir,) = [p for p in cache.iterdir() if p.is_dir()]
+    ids = torch.randint(3, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                              out / "final").eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()(ids).logits  # plain transformers
+    torch.testing.assert_close(merged, reference, rtol=1e-5, atol=1e-4)
+    assert not any("lora" in k for k in AutoModelForCausalLM.from_pretrained(merged_dir).state_dict())
+    assert (merged_dir / "tokenizer.json").exists()
+
+
+def test_evaluate_needs_an_adapter_choice(capsys):
+    assert evaluate.main(["--config", str(TINY_YAML)]) == 2
+    assert "--adapter" in capsys.readouterr().err
