@@ -18,7 +18,7 @@ from typing import Any
 
 from qlora.config import Config, load_config
 from qlora.data import Example, load_examples, select_examples
-from qlora.errors import UserError
+from qlora.errors import UserError, run_cli
 from qlora.generate import generate_answers
 from qlora.korquad_metric import EXPECTED_VERSION, gold_answers, score
 from qlora.model import load_for_inference, load_tokenizer, merge_adapter, resolve_device
@@ -145,13 +145,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    return run_cli(run, parse_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from qlora.checkpoint import (Checkpoint, check_compatible, check_output_dir, da
                               load_checkpoint, prepare_run_dir, restore, save_final, truncate_metrics)
 from qlora.config import Config, load_config
 from qlora.data import inspect_rows, prepare_data
-from qlora.errors import UserError
+from qlora.errors import run_cli
 from qlora.logs import MetricsLog
 from qlora.loop import CheckpointPlan, FitSettings, fit
 from qlora.memory import estimate_for_config, format_estimate
@@ -143,13 +143,7 @@ def show_examples(rows: list[dict], as_json: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    return run_cli(run, parse_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from qlora.errors import UserError
+from qlora.errors import UserError, run_cli
 from qlora.logs import read_metrics
 from qlora.memory import PHASES
 
@@ -54,12 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("-o", "--out", type=Path)
     args = p.parse_args(argv)
-    try:
-        print(render(args.run_dir, args.out or args.run_dir / "steps.png"))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    return run_cli(lambda a: print(render(a.run_dir, a.out or a.run_dir / "steps.png")), args)
 
 
 if __name__ == "__main__":
