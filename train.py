@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> None:
         show_examples(inspect_rows(data, tokenizer, args.inspect_data), args.json)
         return
     print("\n".join(data.report.lines()))
-    order = DataOrder(data.rows, t.batch_size, t.grad_accum, t.seed, cfg.data.group_by_length)
+    order = DataOrder(data.rows, t.batch_size, t.grad_accum, t.seed, cfg.data.group_by_length,
+                      tokenizer.pad_token_id, pack_to=cfg.data.max_length if cfg.data.packing else None)
     total_steps = t.max_steps or t.epochs * windows_per_epoch(len(data.rows), t.batch_size, t.grad_accum)
     fingerprint = data_fingerprint(data.rows)
     if args.resume is None:
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> None:
         truncate_metrics(run_dir / "metrics.jsonl", ckpt.step)
     settings = FitSettings(precision=t.precision, max_grad_norm=t.max_grad_norm,
                            supervised_logits_only=t.supervised_logits_only,
-                           pad_id=tokenizer.pad_token_id, progress=cfg.log.progress,
+                           progress=cfg.log.progress,
                            memory_snapshot_steps=args.memory_snapshot)
     plan = CheckpointPlan(run_dir=run_dir, every=t.save_every, keep_last=t.keep_last, config=cfg,
                           data_fingerprint=fingerprint)

@@ -37,26 +37,57 @@ def windows_per_epoch(n_rows: int, batch_size: int, grad_accum: int) -> int:
     return math.ceil(math.ceil(n_rows / batch_size) / grad_accum)
 
 
+def pack(rows: list[Encoded], max_length: int) -> list[list[Encoded]]:
+    """First-fit decreasing: groups of rows whose lengths add up to at most `max_length`."""
+    groups: list[list[Encoded]] = []
+    room: list[int] = []
+    for r in sorted(rows, key=lambda r: -len(r.input_ids)):
+        n = len(r.input_ids)
+        slot = next((i for i, free in enumerate(room) if free >= n), None)
+        if slot is None:
+            groups.append([r])
+            room.append(max_length - n)
+        else:
+            groups[slot].append(r)
+            room[slot] -= n
+    return groups
+
+
 class DataOrder:
     """Which micro-batches make up optimizer step s: a pure function of (rows, seed, s), with the
-    current epoch's batches cached so a step costs no re-shuffle."""
+    current epoch's batches cached so a step costs no re-shuffle.
+
+    With `pack_to`, the examples of a step's window are packed into as few rows of at most
+    `pack_to` tokens as fit, and those rows are cut into micro-batches of `batch_size` rows: the
+    same examples per optimizer step (and the same token-normalized gradient), no padding inside
+    a row, fewer forward calls."""
 
     def __init__(self, rows: list[Encoded], batch_size: int, grad_accum: int, seed: int,
-                 group_by_length: bool):
+                 group_by_length: bool, pad_id: int, pack_to: int | None = None):
         self.rows, self.batch_size, self.grad_accum = rows, batch_size, grad_accum
         self.seed, self.group_by_length = seed, group_by_length
+        self.pad_id, self.pack_to = pad_id, pack_to
         self.lengths = [len(r.input_ids) for r in rows]
         self.per_epoch = windows_per_epoch(len(rows), batch_size, grad_accum)
         self._cached: tuple[int, list[list[int]]] = (-1, [])
 
     def window(self, step: int) -> tuple[int, list[list[Encoded]]]:
-        """(epoch, micro-batches) of optimizer step `step` (0-based)."""
+        """(epoch, micro-batches of examples) of optimizer step `step` (0-based)."""
         epoch, index = divmod(step, self.per_epoch)
         if self._cached[0] != epoch:
             self._cached = (epoch, epoch_batches(self.lengths, self.batch_size, self.seed, epoch,
                                                  self.group_by_length))
         chosen = self._cached[1][index * self.grad_accum:(index + 1) * self.grad_accum]
         return epoch, [[self.rows[i] for i in batch] for batch in chosen]
+
+    def batches(self, step: int) -> tuple[int, list[dict[str, torch.Tensor]]]:
+        """(epoch, collated micro-batches) of optimizer step `step`."""
+        epoch, micro = self.window(step)
+        if self.pack_to is None:
+            return epoch, [collate(b, self.pad_id) for b in micro]
+        groups = pack([r for b in micro for r in b], self.pack_to)
+        return epoch, [collate_packed(groups[i:i + self.batch_size], self.pad_id)
+                       for i in range(0, len(groups), self.batch_size)]
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -71,4 +102,28 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, :n] = torch.tensor(r.input_ids)
         labels[i, :n] = torch.tensor(r.labels)
         attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "n_tokens": int(attention_mask.sum())}
+
+
+def collate_packed(groups: list[list[Encoded]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row per group, its examples back to back. Positions restart at 0 for each example, and
+    no attention mask is passed: transformers then reads the restarts as sequence boundaries and
+    builds a block-diagonal causal mask, so no token attends across examples. The tail padding of
+    a shorter row is one more such block, with IGNORE labels."""
+    width = max(sum(len(r.input_ids) for r in g) for g in groups)
+    input_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(groups), width), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(groups), width), dtype=torch.long)
+    n_tokens = 0
+    for i, group in enumerate(groups):
+        at = 0
+        for r in group:
+            n = len(r.input_ids)
+            input_ids[i, at:at + n] = torch.tensor(r.input_ids)
+            labels[i, at:at + n] = torch.tensor(r.labels)
+            position_ids[i, at:at + n] = torch.arange(n)
+            at += n
+        position_ids[i, at:] = torch.arange(width - at)
+        n_tokens += at
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "n_tokens": n_tokens}

@@ -38,6 +38,9 @@ class ModelConfig:
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     gradient_checkpointing: bool = True
+    upcast_non_quantized: bool = True
+    """Keep prepare_model_for_kbit_training's fp32 norms, embeddings and LM head (false: the
+    compute dtype, which halves the residual stream's memory)."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
 
@@ -66,6 +69,9 @@ class DataConfig:
     """Keep only the first example of each question text (the tutorial does this)."""
     group_by_length: bool = True
     """Batch examples of similar length together (shuffled buckets) so little compute pads."""
+    packing: bool = False
+    """Pack each optimizer step's examples into as few rows of max_length tokens as fit; positions
+    restart per example and attention never crosses examples."""
 
 
 @dataclass(frozen=True)

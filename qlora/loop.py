@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from qlora.batching import DataOrder, collate
+from qlora.batching import DataOrder
 from qlora.checkpoint import save_checkpoint
 from qlora.config import Config
 from qlora.data import IGNORE
@@ -67,10 +67,11 @@ def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], pre
         targets = labels[:, positions + 1]
     else:
         targets = labels[:, 1:]
+    for name in ("attention_mask", "position_ids"):  # padded rows have the one, packed rows the other
+        if name in batch:
+            kwargs[name] = batch[name].to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32"):
-        out = model(input_ids=batch["input_ids"].to(device, non_blocking=True),
-                    attention_mask=batch["attention_mask"].to(device, non_blocking=True),
-                    use_cache=False, **kwargs)
+        out = model(input_ids=batch["input_ids"].to(device, non_blocking=True), use_cache=False, **kwargs)
     logits = out.logits if supervised_logits_only else out.logits[:, :-1]
     return F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(),
                            ignore_index=IGNORE, reduction="sum")
@@ -118,7 +119,6 @@ class FitSettings:
     precision: str
     max_grad_norm: float
     supervised_logits_only: bool
-    pad_id: int
     progress: bool
     memory_snapshot_steps: int = 0
     """Record every allocation for this many steps and dump memory_snapshot.pickle."""
@@ -230,8 +230,7 @@ def run_step(model: torch.nn.Module, order: DataOrder, optimizer: torch.optim.Op
              progress: dict[str, Any], meter: MemoryMeter) -> dict[str, Any]:
     """One optimizer step (0-based `step`) and its metrics line; updates `progress` in place."""
     t0 = time.perf_counter()
-    epoch, micro = order.window(step)
-    batches = [collate(b, settings.pad_id) for b in micro]
+    epoch, batches = order.batches(step)
     lr = scheduler.get_last_lr()[0]
     loss_t = train_step(model, batches, scaler, settings.precision, device, settings.supervised_logits_only,
                         meter)
@@ -244,7 +243,7 @@ def run_step(model: torch.nn.Module, order: DataOrder, optimizer: torch.optim.Op
     seconds = time.perf_counter() - t0
     progress["skipped_total"] += skipped
     progress["elapsed_s"] += seconds
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    tokens = sum(b["n_tokens"] for b in batches)
     return {"step": step + 1, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
             "skipped": skipped, "skipped_total": progress["skipped_total"], "tokens": tokens,

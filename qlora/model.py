@@ -68,6 +68,12 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torc
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not cfg.upcast_non_quantized:
+        # Undo the fp32 upcast of norms, embeddings and head: fp32 norm weights promote the whole
+        # residual stream to fp32, doubling what each checkpointed layer keeps and adding casts.
+        for p in model.parameters():
+            if p.dtype == torch.float32:
+                p.data = p.data.to(DTYPES[precision])
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                               target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same adapter at step 0

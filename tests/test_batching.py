@@ -1,6 +1,6 @@
 import torch
 
-from qlora.batching import DataOrder, collate, epoch_batches, windows_per_epoch
+from qlora.batching import DataOrder, collate, collate_packed, epoch_batches, pack, windows_per_epoch
 from qlora.data import IGNORE, Encoded, Example
 
 
@@ -33,14 +33,14 @@ def test_grouping_by_length_cuts_padding():
 
 def test_windows_cover_the_epoch_then_cycle():
     data = rows([5, 6, 7, 8, 9, 10, 11])  # 4 batches of 2 -> windows of 3 batches: 2 steps/epoch
-    order = DataOrder(data, batch_size=2, grad_accum=3, seed=0, group_by_length=False)
+    order = DataOrder(data, batch_size=2, grad_accum=3, seed=0, group_by_length=False, pad_id=0)
     assert windows_per_epoch(7, 2, 3) == order.per_epoch == 2
     epoch0 = [order.window(0), order.window(1)]
     assert [e for e, _ in epoch0] == [0, 0] and [len(m) for _, m in epoch0] == [3, 1]
     seen = [len(r.input_ids) for _, m in epoch0 for b in m for r in b]
     assert sorted(seen) == [5, 6, 7, 8, 9, 10, 11]
     assert order.window(2)[0] == 1
-    fresh = DataOrder(data, batch_size=2, grad_accum=3, seed=0, group_by_length=False)
+    fresh = DataOrder(data, batch_size=2, grad_accum=3, seed=0, group_by_length=False, pad_id=0)
     assert fresh.window(1) == epoch0[1]  # a resumed run finds step 1 without replaying step 0
 
 
@@ -51,3 +51,31 @@ def test_collate_pads_right_to_the_longest():
     assert batch["attention_mask"][0].tolist() == [1, 1, 1, 0, 0]
     assert batch["labels"][0].tolist() == [IGNORE, 7, 8, IGNORE, IGNORE]
     assert batch["labels"].dtype == torch.long
+
+
+def test_pack_fits_every_row_once_within_the_limit():
+    lengths = [(i * 37) % 90 + 5 for i in range(50)]
+    groups = pack(rows(lengths), 128)
+    assert all(sum(len(r.input_ids) for r in g) <= 128 for g in groups)
+    assert sorted(len(r.input_ids) for g in groups for r in g) == sorted(lengths)
+    assert len(groups) <= -(-sum(lengths) // 128) + 2  # first-fit decreasing is near the minimum
+
+
+def test_packed_window_keeps_the_examples_and_restarts_positions():
+    data = rows([5, 6, 7, 8, 9, 10, 11, 12])
+    plain = DataOrder(data, batch_size=2, grad_accum=2, seed=0, group_by_length=False, pad_id=0)
+    packed = DataOrder(data, batch_size=2, grad_accum=2, seed=0, group_by_length=False, pad_id=0, pack_to=24)
+    (_, a), (_, b) = plain.batches(0), packed.batches(0)
+    assert sum(x["n_tokens"] for x in a) == sum(x["n_tokens"] for x in b)
+    assert len(b) < len(a) and all(x["input_ids"].shape[1] <= 24 for x in b)
+    supervised = lambda bs: sorted(l for x in bs for l in x["labels"].flatten().tolist() if l != IGNORE)  # noqa: E731
+    assert supervised(a) == supervised(b)
+    assert "attention_mask" not in b[0]
+
+
+def test_collate_packed_positions():
+    batch = collate_packed([rows([3, 2]), rows([4])], pad_id=0)
+    assert batch["input_ids"][0].tolist() == [1, 2, 3, 1, 2]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1]
+    assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 0]  # the pad is a block of its own
+    assert batch["labels"][1].tolist() == [IGNORE, IGNORE, 7, 8, IGNORE] and batch["n_tokens"] == 9

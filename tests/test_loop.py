@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from qlora.batching import collate
+from qlora.batching import collate, collate_packed, pack
 from qlora.config import TrainConfig
 from qlora.data import IGNORE, Encoded, Example
 from qlora.memory import MemoryMeter
@@ -67,6 +67,37 @@ def test_supervised_logits_only_gives_the_same_loss_and_gradient(tiny_model_fact
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_packing_gives_the_same_loss_and_gradient(tiny_model_factory):
+    """Examples packed back to back with restarting positions: attention never crosses examples,
+    so the summed loss and its gradient equal the padded batch's."""
+    model = tiny_model_factory("fp32")
+    rows = make_rows([30, 17, 22, 9, 12], [5, 3, 8, 2, 4], seed=2)
+    results = []
+    for batch in (collate(rows, 0), collate_packed(pack(rows, 48), 0)):
+        model.zero_grad()
+        loss = micro_batch_loss(model, batch, "fp32", CPU, True)
+        loss.backward()
+        results.append((loss.detach(), lora_grads(model), batch["input_ids"].numel()))
+    (padded, g1, n1), (packed, g2, n2) = results
+    assert n2 < n1  # less compute spent on padding
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    for name in g1:  # fp32 summation order differs: compare at the tensor's own scale
+        assert (g2[name] - g1[name]).abs().max() <= 1e-4 * g1[name].abs().max()
+
+
+def test_compute_dtype_norms_and_head_keep_the_loss_within_bf16_rounding(tiny_model_factory):
+    batch = collate(make_rows([30, 17, 22], [5, 3, 8], seed=3), 0)
+    losses = []
+    for upcast in (True, False):
+        model = tiny_model_factory("bf16", upcast=upcast)
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
+        assert frozen == ({torch.float32} if upcast else {torch.bfloat16})
+        assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+        with torch.no_grad():
+            losses.append(float(micro_batch_loss(model, batch, "bf16", CPU, True)) / supervised_count(batch))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-2)
 
 
 def test_fp16_gradscaler_skips_a_step_on_inf(tiny_model_factory):
