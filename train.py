@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
         return
     print("\n".join(data.report.lines()))
     order = DataOrder(data.rows, t.batch_size, t.grad_accum, t.seed, cfg.data.group_by_length,
-                      tokenizer.pad_token_id, pack_to=cfg.data.max_length if cfg.data.packing else None)
+                      tokenizer.pad_token_id, pack_to=(cfg.data.pack_length or cfg.data.max_length) if cfg.data.packing else None)
     total_steps = t.max_steps or t.epochs * windows_per_epoch(len(data.rows), t.batch_size, t.grad_accum)
     fingerprint = data_fingerprint(data.rows)
     if args.resume is None:

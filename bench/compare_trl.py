@@ -51,8 +51,9 @@ LEVERS = [  # (name, changes to the previous variant)
     ("+logits at supervised positions", {"supervised_logits_only": True}),
     ("+packing", {"packing": True}),
     ("+compute-dtype norms/head", {"upcast": False}),
+    ("+no cuDNN attention", {"cudnn": False}),
 ]
-BASE = ["model.random_init=true", "train.precision=bf16", "train.batch_size=4", "train.grad_accum=4",
+BASE = ["model.random_init=true", "model.cudnn_attention=true", "train.precision=bf16", "train.batch_size=4", "train.grad_accum=4",
         "train.lr=2e-4", "train.optimizer=paged_adamw_8bit", "model.gradient_checkpointing=true"]
 
 
@@ -81,18 +82,25 @@ def summary(tokens: int, seconds: float, steps: int, params: int, device: torch.
 
 # ---------------------------------------------------------------- our loop
 
-def run_ours(cfg: Config, tokenizer: Any, data: Any, device: torch.device, steps: int) -> list[dict]:
+def run_ours(cfg: Config, tokenizer: Any, data: Any, device: torch.device, steps: int,
+             only_last: bool = False, skip: tuple[str, ...] = ()) -> list[dict]:
     model = build_model(cfg.model, cfg.lora, cfg.train.precision, device, cfg.train.seed)
     params, results, lever = n_params(cfg), [], {}
-    for name, change in LEVERS:
+    for index, (name, change) in enumerate(LEVERS):
+        if name in skip:
+            continue
         lever.update(change)
-        if lever.get("upcast") is False:  # in place, so this variant comes last
+        torch.backends.cuda.enable_cudnn_sdp(lever.get("cudnn", True))
+        if lever.get("upcast") is False:  # in place and one way, so this lever comes late
             for p in model.parameters():
                 if p.dtype == torch.float32 and not p.requires_grad:
                     p.data = p.data.to(DTYPES[cfg.train.precision])
+        if only_last and index < len(LEVERS) - 1:
+            continue
+        name = name if not skip else f"{name} (without {', '.join(skip)})"
         order = DataOrder(data.rows, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed,
                           lever["group_by_length"], tokenizer.pad_token_id,
-                          pack_to=cfg.data.max_length if lever["packing"] else None)
+                          pack_to=(cfg.data.pack_length or cfg.data.max_length) if lever["packing"] else None)
         optimizer = build_optimizer(model, cfg.train)
         scheduler = build_scheduler(optimizer, cfg.train, steps + 1)
         scaler = build_scaler(cfg.train.precision, device)
@@ -249,13 +257,17 @@ def main() -> None:
     p.add_argument("--shape", choices=list(SHAPES), default="extractive_2048")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--out", type=Path)
+    p.add_argument("--only-last", action="store_true", help="ours: time only the variant with every lever")
+    p.add_argument("--skip", nargs="*", default=[], metavar="LEVER", help="ours: levers to leave out")
     args = p.parse_intermixed_args()
     if args.mode == "table":
         table([Path(x) for x in args.rest])
         return
     cfg, tokenizer, data, device = setup(args.shape, args.rest)
-    runner = {"ours": run_ours, "trl": run_trl, "parity": run_parity}[args.mode]
-    results = runner(cfg, tokenizer, data, device, args.steps)
+    if args.mode == "ours":
+        results = run_ours(cfg, tokenizer, data, device, args.steps, args.only_last, tuple(args.skip))
+    else:
+        results = {"trl": run_trl, "parity": run_parity}[args.mode](cfg, tokenizer, data, device, args.steps)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({

@@ -42,6 +42,10 @@ class ModelConfig:
     """Keep prepare_model_for_kbit_training's fp32 norms, embeddings and LM head (false: the
     compute dtype, which halves the residual stream's memory)."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    cudnn_attention: bool = False
+    """Let SDPA pick cuDNN's attention kernel. Off: on an H200 it spent 12-32 ms of CPU per call
+    planning for each new sequence shape (most of a short step); flash / memory-efficient kernels
+    run instead."""
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,12 @@ class DataConfig:
     group_by_length: bool = True
     """Batch examples of similar length together (shuffled buckets) so little compute pads."""
     packing: bool = False
-    """Pack each optimizer step's examples into as few rows of max_length tokens as fit; positions
-    restart per example and attention never crosses examples."""
+    """Pack each optimizer step's examples into as few rows as fit; positions restart per example
+    and attention never crosses examples."""
+    pack_length: int | None = None
+    """Tokens per packed row (default max_length). Short examples pack best into long rows: fewer
+    forward calls per step. SDPA computes a packed row's attention densely, so long rows of long
+    examples cost more attention than they save."""
 
 
 @dataclass(frozen=True)
@@ -261,6 +269,8 @@ def check_values(cfg: Config) -> list[str]:
         (cfg.eval.batch_size >= 1, "eval.batch_size: must be >= 1"),
         (1 <= cfg.eval.max_new_tokens < d.max_length, "eval.max_new_tokens: must be in [1, data.max_length)"),
         (d.limit is None or d.limit >= 1, "data.limit: must be >= 1 or null"),
+        (d.pack_length is None or d.pack_length >= d.max_length,
+         "data.pack_length: must be >= data.max_length (a row must hold the longest example)"),
         (lo.r >= 1, "lora.r: must be >= 1"),
         (lo.alpha > 0, "lora.alpha: must be > 0"),
         (0 <= lo.dropout < 1, "lora.dropout: must be in [0, 1)"),

@@ -48,6 +48,8 @@ def load_base_model(cfg: ModelConfig, precision: str, device: torch.device, seed
     """from_pretrained with the 4-bit NF4 BitsAndBytesConfig (or plain `precision` weights when
     not `quantized` or the config says load_in_4bit: false). The model is in eval mode."""
     compute_dtype = DTYPES[precision]
+    # process-wide switch: every SDPA call after this one follows it
+    torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)
     path = random_init_checkpoint(cfg, seed, device) if cfg.random_init else cfg.name
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
                                bnb_4bit_use_double_quant=cfg.double_quant,

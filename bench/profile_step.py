@@ -1,0 +1,56 @@
+"""Where one optimizer step's time goes: torch.profiler over a step of our loop, after two warm-up
+steps, printing the top operators by self CPU and by CUDA time.
+
+    python bench/profile_step.py --shape closed_book [config overrides...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from compare_trl import SHAPES, setup  # noqa: E402
+
+from qlora.batching import DataOrder  # noqa: E402
+from qlora.loop import optimizer_step, train_step  # noqa: E402
+from qlora.memory import MemoryMeter  # noqa: E402
+from qlora.model import build_model  # noqa: E402
+from qlora.optim import build_optimizer, build_scaler, build_scheduler  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--shape", choices=list(SHAPES), default="closed_book")
+    args = p.parse_intermixed_args()
+    cfg, tokenizer, data, device = setup(args.shape, args.overrides)
+    t = cfg.train
+    model = build_model(cfg.model, cfg.lora, t.precision, device, t.seed)
+    order = DataOrder(data.rows, t.batch_size, t.grad_accum, t.seed, cfg.data.group_by_length, tokenizer.pad_token_id,
+                      pack_to=(cfg.data.pack_length or cfg.data.max_length) if cfg.data.packing else None)
+    optimizer = build_optimizer(model, t)
+    scheduler = build_scheduler(optimizer, t, 10)
+    scaler = build_scaler(t.precision, device)
+    meter = MemoryMeter(device)
+
+    def step(i: int) -> None:
+        _, batches = order.batches(i)
+        loss = train_step(model, batches, scaler, t.precision, device, t.supervised_logits_only, meter)
+        optimizer_step(model, optimizer, scheduler, scaler, t.max_grad_norm)
+        float(loss)
+
+    step(0), step(1)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        step(2)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
