@@ -125,7 +125,7 @@ def stopped(tmp_path, cache):
 
 @pytest.mark.parametrize("change, message", [
     ("lora.r=8", "lora.r (64 -> 8)"),
-    ("data.max_length=90", "data.max_length (80 -> 90)"),
+    ("data.max_length=130", "data.max_length (128 -> 130)"),
     ("train.lr=0.5", "train.lr (0.01 -> 0.5)"),
 ])
 def test_incompatible_config_is_refused(stopped, cache, change, message):
