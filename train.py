@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -21,14 +22,14 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 
-from qlora.batching import DataOrder, windows_per_epoch
+from qlora.batching import data_order, total_steps
 from qlora.checkpoint import (Checkpoint, check_compatible, check_output_dir, data_fingerprint, find_checkpoint,
                               load_checkpoint, prepare_run_dir, restore, save_final, truncate_metrics)
 from qlora.config import Config, load_config
 from qlora.data import inspect_rows, prepare_data
 from qlora.errors import run_cli
 from qlora.logs import MetricsLog
-from qlora.loop import CheckpointPlan, FitSettings, fit
+from qlora.loop import CheckpointPlan, FitResult, FitSettings, fit
 from qlora.memory import estimate_for_config, format_estimate
 from qlora.model import build_model, load_tokenizer, read_architecture, resolve_device, trainable_parameters
 from qlora.optim import build_optimizer, build_scaler, build_scheduler
@@ -68,9 +69,8 @@ def run(args: argparse.Namespace) -> None:
         show_examples(inspect_rows(data, tokenizer, args.inspect_data), args.json)
         return
     print("\n".join(data.report.lines()))
-    order = DataOrder(data.rows, t.batch_size, t.grad_accum, t.seed, cfg.data.group_by_length,
-                      tokenizer.pad_token_id, pack_to=(cfg.data.pack_length or cfg.data.max_length) if cfg.data.packing else None)
-    total_steps = t.max_steps or t.epochs * windows_per_epoch(len(data.rows), t.batch_size, t.grad_accum)
+    order = data_order(data.rows, cfg.data, t, tokenizer.pad_token_id)
+    n_steps = total_steps(t, len(data.rows))
     fingerprint = data_fingerprint(data.rows)
     if args.resume is None:
         check_output_dir(cfg, args.overwrite)
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> None:
 
     # 4. optimizer, schedule, loss scaling
     optimizer = build_optimizer(model, t)
-    scheduler = build_scheduler(optimizer, t, total_steps)
+    scheduler = build_scheduler(optimizer, t, n_steps)
     scaler = build_scaler(t.precision, device)
 
     # 5. loop (from a checkpoint: restored last, so its RNG states are the loop's)
@@ -100,23 +100,30 @@ def run(args: argparse.Namespace) -> None:
                           data_fingerprint=fingerprint)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     try:
-        result = fit(model, order, optimizer, scheduler, scaler, settings, device, total_steps, metrics,
+        result = fit(model, order, optimizer, scheduler, scaler, settings, device, n_steps, metrics,
                      plan, start_step=ckpt.step if ckpt else 0,
                      progress=ckpt.state["progress"] if ckpt else None)
     finally:
         metrics.close()
-    if estimate and result.peak_gib is not None:
-        measured, predicted = result.peak_gib, estimate["total"] / 2**30
-        print(f"peak allocated: measured {measured:.2f} GiB, estimated {predicted:.2f} GiB "
-              f"({100 * (predicted - measured) / measured:+.1f}%)")
+    report_end(args, result, estimate)
     if result.interrupted:
-        print(f"{result.interrupted}: stopped after step {result.step}, saved {result.checkpoint}\n"
-              f"resume with: python train.py --config {args.config} {' '.join(args.overrides)} --resume".rstrip())
         return
 
     # 6. save
     final = save_final(model, tokenizer, cfg, run_dir)
     print(f"saved adapter, tokenizer and config to {final}")
+
+
+def report_end(args: argparse.Namespace, result: FitResult, estimate: dict[str, int] | None) -> None:
+    """The measured peak beside the estimate; after a signal, the command that resumes."""
+    if estimate and result.peak_gib is not None:
+        measured, predicted = result.peak_gib, estimate["total"] / 2**30
+        print(f"peak allocated: measured {measured:.2f} GiB, estimated {predicted:.2f} GiB "
+              f"({100 * (predicted - measured) / measured:+.1f}%)")
+    if result.interrupted:
+        command = shlex.join(["python", "train.py", "--config", args.config, *args.overrides, "--resume"])
+        print(f"{result.interrupted}: stopped after step {result.step}, saved {result.checkpoint}\n"
+              f"resume with: {command}")
 
 
 def resume_point(args: argparse.Namespace, cfg: Config, fingerprint: str,

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from compare_trl import SHAPES, setup  # noqa: E402
 
-from qlora.batching import DataOrder  # noqa: E402
+from qlora.batching import data_order  # noqa: E402
 from qlora.loop import optimizer_step, train_step  # noqa: E402
 from qlora.memory import MemoryMeter  # noqa: E402
 from qlora.model import build_model  # noqa: E402
@@ -31,8 +31,7 @@ def main() -> None:
     cfg, tokenizer, data, device = setup(args.shape, args.overrides)
     t = cfg.train
     model = build_model(cfg.model, cfg.lora, t.precision, device, t.seed)
-    order = DataOrder(data.rows, t.batch_size, t.grad_accum, t.seed, cfg.data.group_by_length, tokenizer.pad_token_id,
-                      pack_to=(cfg.data.pack_length or cfg.data.max_length) if cfg.data.packing else None)
+    order = data_order(data.rows, cfg.data, t, tokenizer.pad_token_id)
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, 10)
     scaler = build_scaler(t.precision, device)

@@ -9,6 +9,7 @@ import random
 
 import torch
 
+from qlora.config import DataConfig, TrainConfig
 from qlora.data import IGNORE, Encoded
 
 BUCKET_BATCHES = 16  # length groups span this many batches, so grouping still shuffles
@@ -88,6 +89,17 @@ class DataOrder:
         groups = pack([r for b in micro for r in b], self.pack_to)
         return epoch, [collate_packed(groups[i:i + self.batch_size], self.pad_id)
                        for i in range(0, len(groups), self.batch_size)]
+
+
+def data_order(rows: list[Encoded], data: DataConfig, train: TrainConfig, pad_id: int) -> DataOrder:
+    """The DataOrder a config asks for."""
+    return DataOrder(rows, train.batch_size, train.grad_accum, train.seed, data.group_by_length, pad_id,
+                     pack_to=(data.pack_length or data.max_length) if data.packing else None)
+
+
+def total_steps(train: TrainConfig, n_rows: int) -> int:
+    """Optimizer steps of the run: train.max_steps, else whole epochs."""
+    return train.max_steps or train.epochs * windows_per_epoch(n_rows, train.batch_size, train.grad_accum)
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
