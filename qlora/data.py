@@ -64,6 +64,8 @@ class DataReport:
 def load_examples(source: str, split: str = "train") -> list[Example]:
     """KorQuAD from the official JSON layout, a flat JSON/JSONL file, or a hub dataset id."""
     path = Path(source)
+    if path.is_dir():
+        raise UserError(f"data source {source} is a directory; give a .json or .jsonl file")
     if path.exists():
         return _examples_from_records(_read_records(path), str(path))
     if path.suffix in {".json", ".jsonl"} or source.startswith((".", "/")) or source.count("/") != 1:

@@ -45,7 +45,8 @@ class OutOfMemory(UserError):
 
 OOM_KNOBS = ("to lower the peak: train.batch_size (raise train.grad_accum to keep the effective "
              "batch), data.max_length, model.gradient_checkpointing=true, "
-             "train.supervised_logits_only=true, train.optimizer=paged_adamw_8bit")
+             "model.upcast_non_quantized=false, train.supervised_logits_only=true, "
+             "train.optimizer=paged_adamw_8bit")
 
 
 def supervised_count(batch: dict[str, torch.Tensor]) -> int:

@@ -92,10 +92,10 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torc
 def load_for_inference(cfg: ModelConfig, precision: str, device: torch.device, seed: int,
                        adapter: Path | None, quantized: bool = True) -> Any:
     """The base model as in training, with the saved adapter applied (or none), in eval mode."""
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"no adapter in {adapter} (expected adapter_config.json, e.g. RUN/final)")
     model = load_base_model(cfg, precision, device, seed, quantized)
     if adapter is not None:
-        if not (adapter / "adapter_config.json").is_file():
-            raise UserError(f"no adapter in {adapter} (expected adapter_config.json, e.g. RUN/final)")
         model = PeftModel.from_pretrained(model, adapter)
     return model.eval()
 

@@ -110,6 +110,8 @@ def test_bad_data_files(tmp_path, content, message):
 def test_missing_file_and_empty_selection(tmp_path, sp_tokenizer):
     with pytest.raises(UserError, match="data file not found: nope/x.json"):
         load_examples("nope/x.json")
+    with pytest.raises(UserError, match="is a directory"):
+        load_examples(str(tmp_path))
     (tmp_path / "empty.json").write_text('{"data": []}')
     with pytest.raises(UserError, match="selection from .* is empty"):
         prepare_data(DataConfig(source=str(tmp_path / "empty.json")), sp_tokenizer, 0)

@@ -118,6 +118,8 @@ def test_merged_model_gives_the_same_logits_as_base_plus_adapter(tiny_run, tmp_p
     assert (merged_dir / "tokenizer.json").exists()
 
 
-def test_evaluate_needs_an_adapter_choice(capsys):
+def test_evaluate_needs_an_adapter_choice(capsys, tmp_path):
     assert evaluate.main(["--config", str(TINY_YAML)]) == 2
     assert "--adapter" in capsys.readouterr().err
+    assert evaluate.main(["--config", str(TINY_YAML), "--adapter", str(tmp_path)]) == 2
+    assert f"no adapter in {tmp_path}" in capsys.readouterr().err
