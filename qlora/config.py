@@ -38,6 +38,9 @@ class ModelConfig:
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     gradient_checkpointing: bool = True
+    checkpoint_layers: int | None = None
+    """With checkpointing on, checkpoint only the first N decoder layers (None: all). A layer left
+    out keeps its activations and skips its recompute: spare memory bought back as speed."""
     upcast_non_quantized: bool = True
     """Keep prepare_model_for_kbit_training's fp32 norms, embeddings and LM head (false: the
     compute dtype, which halves the residual stream's memory)."""
@@ -266,6 +269,8 @@ def check_values(cfg: Config) -> list[str]:
         (t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
          f"train.device: {t.device!r} is not allowed (allowed: auto, cpu, cuda, cuda:N)"),
         (d.max_length >= 16, "data.max_length: must be >= 16"),
+        (cfg.model.checkpoint_layers is None or cfg.model.checkpoint_layers >= 0,
+         "model.checkpoint_layers: must be >= 0 or null"),
         (cfg.eval.batch_size >= 1, "eval.batch_size: must be >= 1"),
         (1 <= cfg.eval.max_new_tokens < d.max_length, "eval.max_new_tokens: must be in [1, data.max_length)"),
         (d.limit is None or d.limit >= 1, "data.limit: must be >= 1 or null"),

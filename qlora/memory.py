@@ -226,7 +226,8 @@ MODULE_DIMS = {  # (in, out) of each linear layer of a Llama block, as functions
 
 def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: tuple[str, ...],
                   lora_dropout: bool, optimizer: str, checkpointing: bool, double_quant: bool,
-                  logits_everywhere: bool, compute_bytes: int = 2) -> dict[str, int]:
+                  logits_everywhere: bool, compute_bytes: int = 2,
+                  checkpoint_layers: int | None = None) -> dict[str, int]:
     """Predicted peak allocated bytes of one training step, by component.
 
     - quantized weights: 4 bits per weight + one absmax per 64 weights (8-bit with double
@@ -237,9 +238,9 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
     - activations: the residual stream is fp32 (fp32 norm weights promote it). One layer saves its
       matmul inputs, attention and MLP intermediates in the compute dtype, its fp32 norm outputs,
       and, with LoRA dropout, an fp32 dropped copy and a mask of the input of each adapted module.
-      With checkpointing every layer keeps only its fp32 input, and the layer being recomputed adds
-      its saved tensors plus about half again for their gradients (fitted on Llama-2-7B, H200);
-      without, every layer keeps its saved tensors;
+      With checkpointing every checkpointed layer keeps only its fp32 input (the others all their
+      saved tensors), and the layer being recomputed adds its saved tensors plus about half again
+      for their gradients (fitted on Llama-2-7B, H200); without, every layer keeps its saved tensors;
     - logits: fp32 [batch, positions, vocab] plus its gradient, at every position or only at
       supervised ones (~1% of them for KorQuAD answers).
     """
@@ -257,7 +258,8 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
                             + 4 * 3 * shape.hidden + dropout_copies)
     residual = tokens * shape.hidden * 4
     if checkpointing:
-        activations = shape.layers * residual + 1.5 * layer_saved
+        kept = shape.layers if checkpoint_layers is None else min(checkpoint_layers, shape.layers)
+        activations = kept * residual + (shape.layers - kept) * layer_saved + 1.5 * layer_saved
     else:
         activations = shape.layers * layer_saved + residual
     positions = seq if logits_everywhere else max(1, math.ceil(seq * 0.02))
@@ -276,6 +278,7 @@ def estimate_for_config(cfg: Config, hf_config: Any, seq: int) -> dict[str, int]
                          targets=cfg.lora.target_modules, lora_dropout=cfg.lora.dropout > 0,
                          optimizer=cfg.train.optimizer,
                          checkpointing=cfg.model.gradient_checkpointing,
+                         checkpoint_layers=cfg.model.checkpoint_layers,
                          double_quant=cfg.model.double_quant,
                          logits_everywhere=not cfg.train.supervised_logits_only,
                          compute_bytes=4 if cfg.train.precision == "fp32" else 2)

@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qlora.config import LoraConfig, ModelConfig
 from qlora.errors import UserError
@@ -70,6 +71,10 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torc
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing and cfg.checkpoint_layers is not None:
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for layer in layers[cfg.checkpoint_layers:]:
+            layer.gradient_checkpointing = False  # keeps its activations, skips the recompute
     if not cfg.upcast_non_quantized:
         # Undo the fp32 upcast of norms, embeddings and head: fp32 norm weights promote the whole
         # residual stream to fp32, doubling what each checkpointed layer keeps and adding casts.

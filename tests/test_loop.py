@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from transformers import get_cosine_schedule_with_warmup
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qlora.batching import collate, collate_packed, pack
 from qlora.config import TrainConfig
@@ -98,6 +99,20 @@ def test_compute_dtype_norms_and_head_keep_the_loss_within_bf16_rounding(tiny_mo
         with torch.no_grad():
             losses.append(float(micro_batch_loss(model, batch, "bf16", CPU, True)) / supervised_count(batch))
     assert losses[1] == pytest.approx(losses[0], rel=1e-2)
+
+
+def test_checkpointing_fewer_layers_gives_the_same_gradient(tiny_model_factory):
+    batch = collate(make_rows([30, 17, 22], [5, 3, 8], seed=4), 0)
+    grads = []
+    for layers in (None, 1, 0):
+        model = tiny_model_factory("fp32", checkpoint_layers=layers)
+        flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert flags == {None: [True, True], 1: [True, False], 0: [False, False]}[layers]
+        micro_batch_loss(model, batch, "fp32", CPU, True).backward()
+        grads.append(lora_grads(model))
+    for other in grads[1:]:
+        for name in grads[0]:
+            torch.testing.assert_close(other[name], grads[0][name], rtol=1e-5, atol=1e-7)
 
 
 def test_fp16_gradscaler_skips_a_step_on_inf(tiny_model_factory):

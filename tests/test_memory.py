@@ -74,6 +74,9 @@ def test_estimate_arithmetic_on_a_known_shape():
     assert no_ckpt["activations"] == 2 * layer + tokens * 64 * 4 and no_ckpt["logits"] < e["logits"]
     dropout = estimate_peak(shape, **kwargs, lora_dropout=True, checkpointing=False, logits_everywhere=False)
     assert dropout["activations"] - no_ckpt["activations"] == 2 * tokens * (64 + 64) * 5
+    half = estimate_peak(shape, **kwargs, lora_dropout=False, checkpointing=True, logits_everywhere=True,
+                         checkpoint_layers=1)
+    assert half["activations"] == int(tokens * 64 * 4 + layer + 1.5 * layer)
 
 
 def test_estimate_is_printed_before_the_model_loads(tmp_path, capsys):
