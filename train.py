@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
 
-# Before torch touches CUDA: let the caching allocator grow segments in place instead of keeping
-# many fixed-size ones, whose gaps made reserved memory run ~40% above allocated on Llama-2-7B.
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+from qlora import use_expandable_segments
+
+use_expandable_segments()  # before torch touches CUDA
 
 import torch  # noqa: E402
 

@@ -22,15 +22,15 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from qlora import use_expandable_segments
+
+use_expandable_segments()  # before torch touches CUDA
 
 import torch  # noqa: E402
 
@@ -39,7 +39,8 @@ from qlora.config import Config, load_config  # noqa: E402
 from qlora.data import IGNORE, prepare_data  # noqa: E402
 from qlora.loop import optimizer_step, train_step  # noqa: E402
 from qlora.memory import GIB, MemoryMeter  # noqa: E402
-from qlora.model import DTYPES, build_model, load_base_model, load_tokenizer, resolve_device  # noqa: E402
+from qlora.model import (DTYPES, build_model, cast_frozen_fp32, load_base_model, load_tokenizer,  # noqa: E402
+                         resolve_device)
 from qlora.optim import build_optimizer, build_scaler, build_scheduler  # noqa: E402
 
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM; the H200 has the same tensor cores
@@ -92,9 +93,7 @@ def run_ours(cfg: Config, tokenizer: Any, data: Any, device: torch.device, steps
         lever.update(change)
         torch.backends.cuda.enable_cudnn_sdp(lever.get("cudnn", True))
         if lever.get("upcast") is False:  # in place and one way, so this lever comes late
-            for p in model.parameters():
-                if p.dtype == torch.float32 and not p.requires_grad:
-                    p.data = p.data.to(DTYPES[cfg.train.precision])
+            cast_frozen_fp32(model, DTYPES[cfg.train.precision])
         if only_last and index < len(LEVERS) - 1:
             continue
         name = name if not skip else f"{name} (without {', '.join(skip)})"

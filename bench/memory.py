@@ -15,12 +15,12 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from qlora import use_expandable_segments
+
+use_expandable_segments()  # before torch touches CUDA
 
 import torch  # noqa: E402
 

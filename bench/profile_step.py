@@ -7,20 +7,15 @@ steps, printing the top operators by self CPU and by CUDA time.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from compare_trl import SHAPES, setup
 
-import torch  # noqa: E402
-from compare_trl import SHAPES, setup  # noqa: E402
-
-from qlora.batching import data_order  # noqa: E402
-from qlora.loop import optimizer_step, train_step  # noqa: E402
-from qlora.memory import MemoryMeter  # noqa: E402
-from qlora.model import build_model  # noqa: E402
-from qlora.optim import build_optimizer, build_scaler, build_scheduler  # noqa: E402
+from qlora.batching import data_order
+from qlora.loop import optimizer_step, train_step
+from qlora.memory import MemoryMeter
+from qlora.model import build_model
+from qlora.optim import build_optimizer, build_scaler, build_scheduler
 
 
 def main() -> None:

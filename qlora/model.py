@@ -76,11 +76,7 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torc
         for layer in layers[cfg.checkpoint_layers:]:
             layer.gradient_checkpointing = False  # keeps its activations, skips the recompute
     if not cfg.upcast_non_quantized:
-        # Undo the fp32 upcast of norms, embeddings and head: fp32 norm weights promote the whole
-        # residual stream to fp32, doubling what each checkpointed layer keeps and adding casts.
-        for p in model.parameters():
-            if p.dtype == torch.float32:
-                p.data = p.data.to(DTYPES[precision])
+        cast_frozen_fp32(model, DTYPES[precision])
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                               target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same adapter at step 0
@@ -92,6 +88,15 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torc
     # from_pretrained leaves the model in eval mode: without this, checkpointing and dropout are off.
     model.train()
     return model
+
+
+def cast_frozen_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Undo prepare_model_for_kbit_training's fp32 upcast of the frozen norms, embeddings and head:
+    fp32 norm weights promote the whole residual stream to fp32, doubling what each checkpointed
+    layer keeps and adding casts. Trainable (LoRA) weights stay fp32."""
+    for p in model.parameters():
+        if p.dtype == torch.float32 and not p.requires_grad:
+            p.data = p.data.to(dtype)
 
 
 def load_for_inference(cfg: ModelConfig, precision: str, device: torch.device, seed: int,
