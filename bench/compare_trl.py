@@ -12,7 +12,9 @@ and is imported only here.
     python bench/compare_trl.py table bench/results/*.json           # the README table
 
 `ours` runs the levers one after another on one loaded model, each adding to the last:
-plain -> +length grouping -> +logits at supervised positions -> +packing -> +compute-dtype norms.
+plain -> +length grouping -> +logits at supervised positions -> +compute-dtype norms -> no cuDNN
+attention -> +varlen attention -> +packing (-> +fewer checkpointed layers, with
+model.checkpoint_layers=N).
 Common settings (tokenizer, data file) come as config overrides after the options.
 """
 
@@ -34,13 +36,15 @@ use_expandable_segments()  # before torch touches CUDA
 
 import torch  # noqa: E402
 
-from qlora.batching import DataOrder  # noqa: E402
+from qlora.attention import VARLEN  # noqa: E402
+from qlora.attention import register as register_varlen  # noqa: E402
+from qlora.batching import DataOrder, pack_length  # noqa: E402
 from qlora.config import Config, load_config  # noqa: E402
 from qlora.data import IGNORE, prepare_data  # noqa: E402
-from qlora.loop import optimizer_step, train_step  # noqa: E402
+from qlora.loop import micro_batch_loss, optimizer_step, train_step  # noqa: E402
 from qlora.memory import GIB, MemoryMeter  # noqa: E402
-from qlora.model import (DTYPES, build_model, cast_frozen_fp32, load_base_model, load_tokenizer,  # noqa: E402
-                         resolve_device)
+from qlora.model import (DTYPES, build_model, cast_frozen_fp32, checkpoint_first_layers,  # noqa: E402
+                         load_base_model, load_tokenizer, resolve_device)
 from qlora.optim import build_optimizer, build_scaler, build_scheduler  # noqa: E402
 
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM; the H200 has the same tensor cores
@@ -50,9 +54,11 @@ LEVERS = [  # (name, changes to the previous variant)
     ("plain", {"group_by_length": False, "supervised_logits_only": False, "packing": False}),
     ("+length grouping", {"group_by_length": True}),
     ("+logits at supervised positions", {"supervised_logits_only": True}),
-    ("+packing", {"packing": True}),
     ("+compute-dtype norms/head", {"upcast": False}),
     ("+no cuDNN attention", {"cudnn": False}),
+    ("+varlen attention", {"attn": VARLEN}),
+    ("+packing, one row per micro-batch", {"packing": True}),
+    ("+fewer checkpointed layers", {"checkpoint_layers": True}),  # only with model.checkpoint_layers=N
 ]
 BASE = ["model.random_init=true", "model.cudnn_attention=true", "train.precision=bf16", "train.batch_size=4", "train.grad_accum=4",
         "train.lr=2e-4", "train.optimizer=paged_adamw_8bit", "model.gradient_checkpointing=true"]
@@ -85,21 +91,30 @@ def summary(tokens: int, seconds: float, steps: int, params: int, device: torch.
 
 def run_ours(cfg: Config, tokenizer: Any, data: Any, device: torch.device, steps: int,
              only_last: bool = False, skip: tuple[str, ...] = ()) -> list[dict]:
-    model = build_model(cfg.model, cfg.lora, cfg.train.precision, device, cfg.train.seed)
+    n_checkpointed = cfg.model.checkpoint_layers
+    model_cfg = dataclasses.replace(cfg.model, checkpoint_layers=None, attn_implementation="sdpa")
+    model = build_model(model_cfg, cfg.lora, cfg.train.precision, device, cfg.train.seed)
     params, results, lever = n_params(cfg), [], {}
     for index, (name, change) in enumerate(LEVERS):
-        if name in skip:
+        if name in skip or ("checkpoint_layers" in change and n_checkpointed is None):
             continue
         lever.update(change)
         torch.backends.cuda.enable_cudnn_sdp(lever.get("cudnn", True))
         if lever.get("upcast") is False:  # in place and one way, so this lever comes late
             cast_frozen_fp32(model, DTYPES[cfg.train.precision])
-        if only_last and index < len(LEVERS) - 1:
+        if lever.get("attn") == VARLEN:
+            register_varlen()
+            model.get_base_model().set_attn_implementation(VARLEN)
+        if lever.get("checkpoint_layers"):
+            checkpoint_first_layers(model, n_checkpointed)
+            name = f"+checkpoint {n_checkpointed} of {cfg_layers(cfg)} layers"
+        if only_last and index < len(LEVERS) - 1 - (n_checkpointed is None):
             continue
         name = name if not skip else f"{name} (without {', '.join(skip)})"
         order = DataOrder(data.rows, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed,
                           lever["group_by_length"], tokenizer.pad_token_id,
-                          pack_to=(cfg.data.pack_length or cfg.data.max_length) if lever["packing"] else None)
+                          pack_to=pack_length(cfg.data, cfg.train) if lever["packing"] else None)
+        check = loss_against_sdpa(model, order, cfg, device, lever) if lever.get("attn") == VARLEN else None
         optimizer = build_optimizer(model, cfg.train)
         scheduler = build_scheduler(optimizer, cfg.train, steps + 1)
         scaler = build_scaler(cfg.train.precision, device)
@@ -119,10 +134,34 @@ def run_ours(cfg: Config, tokenizer: Any, data: Any, device: torch.device, steps
                 seconds += time.perf_counter() - t0
                 tokens += sum(b["n_tokens"] for b in batches)
         row = {"side": "ours", "variant": name, **summary(tokens, seconds, steps, params, device)}
+        if check is not None:
+            row["step0_loss_relative_to_sdpa"] = check
         print(json.dumps(row), flush=True)
         results.append(row)
         del optimizer
     return results
+
+
+def loss_against_sdpa(model: Any, order: DataOrder, cfg: Config, device: torch.device,
+                      lever: dict[str, Any]) -> float:
+    """|varlen - SDPA| / SDPA for the loss of step 0's window, same weights, same batches: the
+    GPU side of the CPU test that varlen attention keeps the loss."""
+    losses = []
+    model.eval()  # LoRA dropout off: the two passes must see the same function
+    with torch.no_grad():
+        for attn in (VARLEN, "sdpa"):
+            model.get_base_model().set_attn_implementation(attn)
+            losses.append(sum(float(micro_batch_loss(model, b, cfg.train.precision, device,
+                                                     lever["supervised_logits_only"]))
+                              for b in order.batches(0)[1]))
+    model.get_base_model().set_attn_implementation(VARLEN)
+    model.train()
+    return abs(losses[0] - losses[1]) / losses[1]
+
+
+def cfg_layers(cfg: Config) -> int:
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(cfg.model.arch or cfg.model.name).num_hidden_layers
 
 
 # ---------------------------------------------------------------- TRL

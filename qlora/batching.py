@@ -59,9 +59,8 @@ class DataOrder:
     current epoch's batches cached so a step costs no re-shuffle.
 
     With `pack_to`, the examples of a step's window are packed into as few rows of at most
-    `pack_to` tokens as fit, and those rows are cut into micro-batches of `batch_size` rows: the
-    same examples per optimizer step (and the same token-normalized gradient), no padding inside
-    a row, fewer forward calls."""
+    `pack_to` tokens as fit, one row per micro-batch: the same examples per optimizer step (and the
+    same token-normalized gradient), no padding, fewer forward calls."""
 
     def __init__(self, rows: list[Encoded], batch_size: int, grad_accum: int, seed: int,
                  group_by_length: bool, pad_id: int, pack_to: int | None = None):
@@ -86,15 +85,19 @@ class DataOrder:
         epoch, micro = self.window(step)
         if self.pack_to is None:
             return epoch, [collate(b, self.pad_id) for b in micro]
-        groups = pack([r for b in micro for r in b], self.pack_to)
-        return epoch, [collate_packed(groups[i:i + self.batch_size], self.pad_id)
-                       for i in range(0, len(groups), self.batch_size)]
+        return epoch, [collate_packed(group) for group in pack([r for b in micro for r in b], self.pack_to)]
 
 
 def data_order(rows: list[Encoded], data: DataConfig, train: TrainConfig, pad_id: int) -> DataOrder:
     """The DataOrder a config asks for."""
     return DataOrder(rows, train.batch_size, train.grad_accum, train.seed, data.group_by_length, pad_id,
-                     pack_to=(data.pack_length or data.max_length) if data.packing else None)
+                     pack_to=pack_length(data, train) if data.packing else None)
+
+
+def pack_length(data: DataConfig, train: TrainConfig) -> int:
+    """Tokens per packed row: data.pack_length, else the token budget of one unpacked micro-batch
+    (batch_size x max_length), so packing never needs more activation memory than padding."""
+    return data.pack_length or train.batch_size * data.max_length
 
 
 def total_steps(train: TrainConfig, n_rows: int) -> int:
@@ -118,24 +121,13 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
             "n_tokens": int(attention_mask.sum())}
 
 
-def collate_packed(groups: list[list[Encoded]], pad_id: int) -> dict[str, torch.Tensor]:
-    """One row per group, its examples back to back. Positions restart at 0 for each example, and
-    no attention mask is passed: transformers then reads the restarts as sequence boundaries and
-    builds a block-diagonal causal mask, so no token attends across examples. The tail padding of
-    a shorter row is one more such block, with IGNORE labels."""
-    width = max(sum(len(r.input_ids) for r in g) for g in groups)
-    input_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(groups), width), IGNORE, dtype=torch.long)
-    position_ids = torch.zeros((len(groups), width), dtype=torch.long)
-    n_tokens = 0
-    for i, group in enumerate(groups):
-        at = 0
-        for r in group:
-            n = len(r.input_ids)
-            input_ids[i, at:at + n] = torch.tensor(r.input_ids)
-            labels[i, at:at + n] = torch.tensor(r.labels)
-            position_ids[i, at:at + n] = torch.arange(n)
-            at += n
-        position_ids[i, at:] = torch.arange(width - at)
-        n_tokens += at
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "n_tokens": n_tokens}
+def collate_packed(group: list[Encoded]) -> dict[str, torch.Tensor]:
+    """One row holding the group's examples back to back, no padding. Positions restart at 0 for
+    each example and no attention mask is passed: transformers then reads the restarts as sequence
+    boundaries (SDPA: a dense block-diagonal causal mask; varlen: the boundaries themselves, see
+    qlora/attention.py), so no token attends across examples."""
+    input_ids = torch.tensor([t for r in group for t in r.input_ids]).unsqueeze(0)
+    labels = torch.tensor([t for r in group for t in r.labels]).unsqueeze(0)
+    position_ids = torch.cat([torch.arange(len(r.input_ids)) for r in group]).unsqueeze(0)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "n_tokens": input_ids.shape[1]}

@@ -44,7 +44,9 @@ class ModelConfig:
     upcast_non_quantized: bool = True
     """Keep prepare_model_for_kbit_training's fp32 norms, embeddings and LM head (false: the
     compute dtype, which halves the residual stream's memory)."""
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "varlen"] = "sdpa"
+    """varlen: flash attention over each example's own tokens (qlora/attention.py); with packing it
+    skips the masked blocks SDPA computes. Training only (bf16/fp16 on a GPU); generation uses SDPA."""
     cudnn_attention: bool = False
     """Let SDPA pick cuDNN's attention kernel. Off: on an H200 it spent 12-32 ms of CPU per call
     planning for each new sequence shape (most of a short step); flash / memory-efficient kernels
@@ -80,9 +82,9 @@ class DataConfig:
     """Pack each optimizer step's examples into as few rows as fit; positions restart per example
     and attention never crosses examples."""
     pack_length: int | None = None
-    """Tokens per packed row (default max_length). Short examples pack best into long rows: fewer
-    forward calls per step. SDPA computes a packed row's attention densely, so long rows of long
-    examples cost more attention than they save."""
+    """Tokens per packed row, one row per micro-batch (default train.batch_size x max_length, the
+    tokens of one unpacked micro-batch). Pair packing with model.attn_implementation=varlen: SDPA
+    computes a packed row's block-diagonal attention densely, pack_length^2 per row."""
 
 
 @dataclass(frozen=True)
@@ -271,6 +273,8 @@ def check_values(cfg: Config) -> list[str]:
         (d.max_length >= 16, "data.max_length: must be >= 16"),
         (cfg.model.checkpoint_layers is None or cfg.model.checkpoint_layers >= 0,
          "model.checkpoint_layers: must be >= 0 or null"),
+        (cfg.model.attn_implementation != "varlen" or t.precision != "fp32" or t.device == "cpu",
+         "model.attn_implementation=varlen: flash attention needs train.precision bf16 or fp16 on a GPU"),
         (cfg.eval.batch_size >= 1, "eval.batch_size: must be >= 1"),
         (1 <= cfg.eval.max_new_tokens < d.max_length, "eval.max_new_tokens: must be in [1, data.max_length)"),
         (d.limit is None or d.limit >= 1, "data.limit: must be >= 1 or null"),

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from qlora.attention import VARLEN, sequence_bounds
 from qlora.batching import DataOrder
 from qlora.checkpoint import save_checkpoint
 from qlora.config import Config
@@ -71,6 +72,10 @@ def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], pre
     for name in ("attention_mask", "position_ids"):  # padded rows have the one, packed rows the other
         if name in batch:
             kwargs[name] = batch[name].to(device, non_blocking=True)
+    if model.config._attn_implementation == VARLEN:
+        # sequence boundaries computed here on the CPU, so the 32 layers x 3 passes need no sync
+        kwargs.update({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                       for k, v in sequence_bounds(batch).items()})
     with torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32"):
         out = model(input_ids=batch["input_ids"].to(device, non_blocking=True), use_cache=False, **kwargs)
     logits = out.logits if supervised_logits_only else out.logits[:, :-1]

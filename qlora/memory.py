@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
+from qlora.batching import pack_length
 from qlora.config import Config
 
 GIB = 1024 ** 3
@@ -273,8 +274,12 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
 
 
 def estimate_for_config(cfg: Config, hf_config: Any, seq: int) -> dict[str, int]:
-    """The estimate for a run of `cfg` whose longest batch is `seq` tokens wide."""
-    return estimate_peak(shape_of(hf_config), batch=cfg.train.batch_size, seq=seq, lora_r=cfg.lora.r,
+    """The estimate for a run of `cfg` whose longest batch is `seq` tokens wide (packed: one row
+    of up to the pack length)."""
+    batch = cfg.train.batch_size
+    if cfg.data.packing:
+        batch, seq = 1, pack_length(cfg.data, cfg.train)
+    return estimate_peak(shape_of(hf_config), batch=batch, seq=seq, lora_r=cfg.lora.r,
                          targets=cfg.lora.target_modules, lora_dropout=cfg.lora.dropout > 0,
                          optimizer=cfg.train.optimizer,
                          checkpointing=cfg.model.gradient_checkpointing,

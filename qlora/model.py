@@ -4,6 +4,7 @@ of the named architecture at its real shape, for offline runs and memory audits.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -16,6 +17,8 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from qlora.attention import VARLEN
+from qlora.attention import register as register_varlen
 from qlora.config import LoraConfig, ModelConfig
 from qlora.errors import UserError
 
@@ -49,6 +52,8 @@ def load_base_model(cfg: ModelConfig, precision: str, device: torch.device, seed
     """from_pretrained with the 4-bit NF4 BitsAndBytesConfig (or plain `precision` weights when
     not `quantized` or the config says load_in_4bit: false). The model is in eval mode."""
     compute_dtype = DTYPES[precision]
+    if cfg.attn_implementation == VARLEN:
+        register_varlen()
     # process-wide switch: every SDPA call after this one follows it
     torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)
     path = random_init_checkpoint(cfg, seed, device) if cfg.random_init else cfg.name
@@ -72,9 +77,7 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torc
         model, use_gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.gradient_checkpointing and cfg.checkpoint_layers is not None:
-        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-        for layer in layers[cfg.checkpoint_layers:]:
-            layer.gradient_checkpointing = False  # keeps its activations, skips the recompute
+        checkpoint_first_layers(model, cfg.checkpoint_layers)
     if not cfg.upcast_non_quantized:
         cast_frozen_fp32(model, DTYPES[precision])
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -88,6 +91,14 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torc
     # from_pretrained leaves the model in eval mode: without this, checkpointing and dropout are off.
     model.train()
     return model
+
+
+def checkpoint_first_layers(model: torch.nn.Module, n: int) -> None:
+    """Checkpoint only the first n decoder layers: the others keep their activations and skip the
+    recompute (spare memory bought back as speed)."""
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < n
 
 
 def cast_frozen_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -104,7 +115,9 @@ def load_for_inference(cfg: ModelConfig, precision: str, device: torch.device, s
     """The base model as in training, with the saved adapter applied (or none), in eval mode."""
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise UserError(f"no adapter in {adapter} (expected adapter_config.json, e.g. RUN/final)")
-    model = load_base_model(cfg, precision, device, seed, quantized)
+    # varlen attention knows no left padding: generation runs on SDPA (the weights are the same)
+    inference = cfg if cfg.attn_implementation != VARLEN else dataclasses.replace(cfg, attn_implementation="sdpa")
+    model = load_base_model(inference, precision, device, seed, quantized)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     return model.eval()

@@ -1,6 +1,11 @@
+import dataclasses
+
 import torch
 
-from qlora.batching import DataOrder, collate, collate_packed, epoch_batches, pack, windows_per_epoch
+from qlora.attention import sequence_bounds
+from qlora.batching import (DataOrder, collate, collate_packed, epoch_batches, pack, pack_length,
+                            windows_per_epoch)
+from qlora.config import DataConfig, TrainConfig
 from qlora.data import IGNORE, Encoded, Example
 
 
@@ -65,17 +70,33 @@ def test_packed_window_keeps_the_examples_and_restarts_positions():
     data = rows([5, 6, 7, 8, 9, 10, 11, 12])
     plain = DataOrder(data, batch_size=2, grad_accum=2, seed=0, group_by_length=False, pad_id=0)
     packed = DataOrder(data, batch_size=2, grad_accum=2, seed=0, group_by_length=False, pad_id=0, pack_to=24)
-    (_, a), (_, b) = plain.batches(0), packed.batches(0)
-    assert sum(x["n_tokens"] for x in a) == sum(x["n_tokens"] for x in b)
-    assert len(b) < len(a) and all(x["input_ids"].shape[1] <= 24 for x in b)
-    supervised = lambda bs: sorted(l for x in bs for l in x["labels"].flatten().tolist() if l != IGNORE)  # noqa: E731
-    assert supervised(a) == supervised(b)
-    assert "attention_mask" not in b[0]
+    for step in range(2):
+        (_, a), (_, b) = plain.batches(step), packed.batches(step)
+        assert sum(x["n_tokens"] for x in a) == sum(x["n_tokens"] for x in b)
+        assert all(x["input_ids"].shape == (1, x["n_tokens"]) and x["n_tokens"] <= 24 for x in b)  # no padding
+        supervised = lambda bs: sorted(l for x in bs for l in x["labels"].flatten().tolist() if l != IGNORE)  # noqa: E731
+        assert supervised(a) == supervised(b)
+        assert "attention_mask" not in b[0]
+    one_row = DataOrder(data, batch_size=2, grad_accum=2, seed=0, group_by_length=False, pad_id=0, pack_to=48)
+    assert len(one_row.batches(0)[1]) == 1 < len(plain.batches(0)[1])  # fewer forward calls
 
 
 def test_collate_packed_positions():
-    batch = collate_packed([rows([3, 2]), rows([4])], pad_id=0)
-    assert batch["input_ids"][0].tolist() == [1, 2, 3, 1, 2]
-    assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1]
-    assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 0]  # the pad is a block of its own
-    assert batch["labels"][1].tolist() == [IGNORE, IGNORE, 7, 8, IGNORE] and batch["n_tokens"] == 9
+    batch = collate_packed(rows([3, 2, 4]))
+    assert batch["input_ids"][0].tolist() == [1, 2, 3, 1, 2, 1, 2, 3, 4]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3]
+    assert batch["labels"][0].tolist() == [IGNORE, 7, 8, 7, 8, IGNORE, IGNORE, 7, 8] and batch["n_tokens"] == 9
+
+
+def test_sequence_bounds_of_packed_and_padded_batches():
+    packed = sequence_bounds(collate_packed(rows([3, 2, 4])))
+    assert packed["cu_seq_lens_q"].tolist() == [0, 3, 5, 9] and packed["max_length_q"] == 4
+    padded = sequence_bounds(collate(rows([3, 5]), 0))  # a row is one sequence, its padding included
+    assert padded["cu_seq_lens_q"].tolist() == [0, 5, 10] and padded["max_length_q"] == 5
+    assert packed["cu_seq_lens_q"].dtype == torch.int32  # what the flash kernel takes
+
+
+def test_pack_length_defaults_to_one_unpacked_micro_batch():
+    data = DataConfig(source="x", max_length=512, packing=True)
+    assert pack_length(data, TrainConfig(output_dir="x", batch_size=4)) == 2048
+    assert pack_length(dataclasses.replace(data, pack_length=4096), TrainConfig(output_dir="x")) == 4096

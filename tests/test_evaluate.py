@@ -93,6 +93,10 @@ def test_train_then_evaluate_end_to_end(tiny_run, capsys):
     ids = [qa["id"] for a in json.loads(FIXTURE.read_text())["data"] for p in a["paragraphs"] for qa in p["qas"]]
     assert sorted(predictions) == sorted(ids)
     assert metrics["exact_match"] >= 90 and metrics["questions"] == 24
+    # a config that trains with varlen attention generates through SDPA (left padding): same answers
+    assert evaluate.main([*common, "model.attn_implementation=varlen", "--adapter", str(out / "final"),
+                          "--out", str(out / "varlen")]) == 0
+    assert json.loads((out / "varlen" / "predictions.json").read_text()) == predictions
     assert evaluate.main([*common, "--no-adapter", "--out", str(out / "base")]) == 0
     base = json.loads((out / "base" / "metrics.json").read_text())
     assert base["exact_match"] < 10  # a random model knows nothing; the adapter learned the answers

@@ -70,22 +70,26 @@ def test_supervised_logits_only_gives_the_same_loss_and_gradient(tiny_model_fact
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
 
 
-def test_packing_gives_the_same_loss_and_gradient(tiny_model_factory):
-    """Examples packed back to back with restarting positions: attention never crosses examples,
-    so the summed loss and its gradient equal the padded batch's."""
-    model = tiny_model_factory("fp32")
+def test_packing_and_varlen_attention_give_the_same_loss_and_gradient(tiny_model_factory):
+    """Examples packed back to back in one row with restarting positions: attention never crosses
+    examples (SDPA with its block-diagonal mask, or varlen attention over each example), so the
+    summed loss and its gradient equal the padded batch's under eager attention (the reference)."""
     rows = make_rows([30, 17, 22, 9, 12], [5, 3, 8, 2, 4], seed=2)
+    padded, packed = collate(rows, 0), collate_packed(pack(rows, 96)[0])
+    assert packed["input_ids"].numel() == 90 < padded["input_ids"].numel()  # no compute on padding
     results = []
-    for batch in (collate(rows, 0), collate_packed(pack(rows, 48), 0)):
-        model.zero_grad()
-        loss = micro_batch_loss(model, batch, "fp32", CPU, True)
-        loss.backward()
-        results.append((loss.detach(), lora_grads(model), batch["input_ids"].numel()))
-    (padded, g1, n1), (packed, g2, n2) = results
-    assert n2 < n1  # less compute spent on padding
-    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
-    for name in g1:  # fp32 summation order differs: compare at the tensor's own scale
-        assert (g2[name] - g1[name]).abs().max() <= 1e-4 * g1[name].abs().max()
+    for attn in ("eager", "sdpa", "varlen"):
+        model = tiny_model_factory("fp32", attn=attn)
+        for batch in (padded, packed):
+            model.zero_grad()
+            loss = micro_batch_loss(model, batch, "fp32", CPU, True)
+            loss.backward()
+            results.append((loss.detach(), lora_grads(model)))
+    reference, reference_grads = results[0]
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+        for name in grads:  # fp32 summation order differs: compare at the tensor's own scale
+            assert (grads[name] - reference_grads[name]).abs().max() <= 1e-4 * reference_grads[name].abs().max()
 
 
 def test_compute_dtype_norms_and_head_keep_the_loss_within_bf16_rounding(tiny_model_factory):
