@@ -13,8 +13,8 @@ and is imported only here.
 
 `ours` runs the levers one after another on one loaded model, each adding to the last:
 plain -> +length grouping -> +logits at supervised positions -> +compute-dtype norms -> no cuDNN
-attention -> +varlen attention -> +packing (-> +fewer checkpointed layers, with
-model.checkpoint_layers=N).
+attention -> +varlen attention -> +packing -> +compiled decoder layers (-> +fewer checkpointed
+layers, with model.checkpoint_layers=N).
 Common settings (tokenizer, data file) come as config overrides after the options.
 """
 
@@ -44,7 +44,7 @@ from qlora.data import IGNORE, prepare_data  # noqa: E402
 from qlora.loop import micro_batch_loss, optimizer_step, train_step  # noqa: E402
 from qlora.memory import GIB, MemoryMeter  # noqa: E402
 from qlora.model import (DTYPES, build_model, cast_frozen_fp32, checkpoint_first_layers,  # noqa: E402
-                         load_base_model, load_tokenizer, resolve_device)
+                         compile_decoder_layers, load_base_model, load_tokenizer, resolve_device)
 from qlora.optim import build_optimizer, build_scaler, build_scheduler  # noqa: E402
 
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM; the H200 has the same tensor cores
@@ -58,9 +58,10 @@ LEVERS = [  # (name, changes to the previous variant)
     ("+no cuDNN attention", {"cudnn": False}),
     ("+varlen attention", {"attn": VARLEN}),
     ("+packing, one row per micro-batch", {"packing": True}),
+    ("+compiled decoder layers", {"compile": True}),
     ("+fewer checkpointed layers", {"checkpoint_layers": True}),  # only with model.checkpoint_layers=N
 ]
-BASE = ["model.random_init=true", "model.cudnn_attention=true", "train.precision=bf16", "train.batch_size=4", "train.grad_accum=4",
+BASE = ["model.random_init=true", "model.cudnn_attention=true", "model.upcast_non_quantized=true", "train.precision=bf16", "train.batch_size=4", "train.grad_accum=4",
         "train.lr=2e-4", "train.optimizer=paged_adamw_8bit", "model.gradient_checkpointing=true"]
 
 
@@ -92,7 +93,7 @@ def summary(tokens: int, seconds: float, steps: int, params: int, device: torch.
 def run_ours(cfg: Config, tokenizer: Any, data: Any, device: torch.device, steps: int,
              only_last: bool = False, skip: tuple[str, ...] = ()) -> list[dict]:
     n_checkpointed = cfg.model.checkpoint_layers
-    model_cfg = dataclasses.replace(cfg.model, checkpoint_layers=None, attn_implementation="sdpa")
+    model_cfg = dataclasses.replace(cfg.model, checkpoint_layers=None, attn_implementation="sdpa", compile_layers=False)
     model = build_model(model_cfg, cfg.lora, cfg.train.precision, device, cfg.train.seed)
     params, results, lever = n_params(cfg), [], {}
     for index, (name, change) in enumerate(LEVERS):
@@ -105,6 +106,8 @@ def run_ours(cfg: Config, tokenizer: Any, data: Any, device: torch.device, steps
         if lever.get("attn") == VARLEN:
             register_varlen()
             model.get_base_model().set_attn_implementation(VARLEN)
+        if "compile" in change:
+            compile_decoder_layers(model)
         if lever.get("checkpoint_layers"):
             checkpoint_first_layers(model, n_checkpointed)
             name = f"+checkpoint {n_checkpointed} of {cfg_layers(cfg)} layers"
@@ -114,7 +117,8 @@ def run_ours(cfg: Config, tokenizer: Any, data: Any, device: torch.device, steps
         order = DataOrder(data.rows, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed,
                           lever["group_by_length"], tokenizer.pad_token_id,
                           pack_to=pack_length(cfg.data, cfg.train) if lever["packing"] else None)
-        check = loss_against_sdpa(model, order, cfg, device, lever) if lever.get("attn") == VARLEN else None
+        check = (loss_against_sdpa(model, order, cfg, device, lever)
+                 if lever.get("attn") == VARLEN and ("attn" in change or "packing" in change) else None)
         optimizer = build_optimizer(model, cfg.train)
         scheduler = build_scheduler(optimizer, cfg.train, steps + 1)
         scaler = build_scaler(cfg.train.precision, device)
@@ -136,6 +140,10 @@ def run_ours(cfg: Config, tokenizer: Any, data: Any, device: torch.device, steps
         row = {"side": "ours", "variant": name, **summary(tokens, seconds, steps, params, device)}
         if check is not None:
             row["step0_loss_relative_to_sdpa"] = check
+        if lever.get("compile"):
+            from torch._dynamo.utils import counters
+            row["compile"] = {"graph_breaks": sum(counters["graph_break"].values()),
+                              "unique_graphs": counters["stats"]["unique_graphs"]}
         print(json.dumps(row), flush=True)
         results.append(row)
         del optimizer

@@ -13,15 +13,16 @@ with SDPA.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.varlen import varlen_attn
 from transformers import AttentionInterface
 
 VARLEN = "varlen"
+_VARLEN_ACCEPTS = frozenset(inspect.signature(varlen_attn).parameters)  # read once, outside any compiled code
 
 
 def sequence_bounds(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -57,13 +58,10 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 
 def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int,
                   scale: float | None) -> torch.Tensor:
-    from torch.nn.attention.varlen import varlen_attn
-
-    accepts = _varlen_parameters()
     # torch 2.9 spelled causality `is_causal=True` and had no `scale` (its default, 1/sqrt(D), is
     # Llama's); later releases spell causality as a window of (all before, none after).
-    kwargs: dict[str, Any] = {"is_causal": True} if "is_causal" in accepts else {"window_size": (-1, 0)}
-    if "scale" in accepts:
+    kwargs: dict[str, Any] = {"is_causal": True} if "is_causal" in _VARLEN_ACCEPTS else {"window_size": (-1, 0)}
+    if "scale" in _VARLEN_ACCEPTS:
         kwargs["scale"] = scale
     elif scale is not None and abs(scale * q.shape[-1] ** 0.5 - 1) > 1e-6:
         raise RuntimeError("this torch's varlen_attn has no `scale`; the model's attention scale is not 1/sqrt(D)")
@@ -72,16 +70,10 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
     return varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
 
 
-@functools.cache
-def _varlen_parameters() -> frozenset[str]:
-    from torch.nn.attention.varlen import varlen_attn
-    return frozenset(inspect.signature(varlen_attn).parameters)
-
-
 def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
     """[n, H, D] in and out."""
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+                                         is_causal=True, scale=scale, enable_gqa=bool(k.shape[1] != q.shape[1]))
     return out.transpose(0, 1)
 
 

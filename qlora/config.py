@@ -41,6 +41,10 @@ class ModelConfig:
     checkpoint_layers: int | None = None
     """With checkpointing on, checkpoint only the first N decoder layers (None: all). A layer left
     out keeps its activations and skips its recompute: spare memory bought back as speed."""
+    compile_layers: bool = False
+    """torch.compile each decoder layer (dynamic shapes): fuses the norms, rotary embedding, LoRA
+    scaling and MLP activation that otherwise run as dozens of separate memory-bound kernels. The
+    first step pays the compile (about a minute on a GPU)."""
     upcast_non_quantized: bool = True
     """Keep prepare_model_for_kbit_training's fp32 norms, embeddings and LM head (false: the
     compute dtype, which halves the residual stream's memory)."""

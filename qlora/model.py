@@ -88,16 +88,28 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torc
         if p.requires_grad and p.dtype != torch.float32:
             # GradScaler refuses to unscale fp16 gradients, and bf16 adapters lose small updates.
             p.data = p.data.float()
+    if cfg.compile_layers:
+        compile_decoder_layers(model)
     # from_pretrained leaves the model in eval mode: without this, checkpointing and dropout are off.
     model.train()
     return model
 
 
+def compile_decoder_layers(model: torch.nn.Module) -> None:
+    """Compile each decoder layer in place, LoRA included. Checkpointing stays outside the compiled
+    code (GradientCheckpointingLayer.__call__ wraps the compiled call), so the recompute replays it."""
+    for layer in decoder_layers(model):
+        layer.compile(dynamic=True)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[GradientCheckpointingLayer]:
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 def checkpoint_first_layers(model: torch.nn.Module, n: int) -> None:
     """Checkpoint only the first n decoder layers: the others keep their activations and skip the
     recompute (spare memory bought back as speed)."""
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(decoder_layers(model)):
         layer.gradient_checkpointing = i < n
 
 
