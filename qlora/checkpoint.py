@@ -39,7 +39,11 @@ ADAPTER, OPTIMIZER, STATE, META = "adapter_model.safetensors", "optimizer.pt", "
 # Config keys a resumed run may change: they do not touch the numbers being computed.
 HARMLESS = {"log.progress", "eval.source", "eval.split", "eval.batch_size", "eval.max_new_tokens",
             "eval.quantized", "train.save_every", "train.keep_last", "train.output_dir", "train.device",
-            "model.random_init_cache"}
+            "model.random_init_cache",
+            # speed and memory levers: the same examples per step, the same gradient up to rounding
+            # (e.g. resume an out-of-memory run with fewer layers kept out of checkpointing)
+            "model.gradient_checkpointing", "model.checkpoint_layers", "model.attn_implementation",
+            "model.cudnn_attention", "model.compile_layers", "data.packing", "data.pack_length"}
 
 
 def write_config(cfg: Config, directory: Path) -> None:

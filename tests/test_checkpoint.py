@@ -147,10 +147,11 @@ def test_changed_data_is_refused_and_harmless_changes_are_listed(stopped, cache,
     result = run(cmd(stopped.parent / "b", cache, f"data.source={copy}", "--resume"))
     assert result.returncode == 2 and "the tokenized data differ" in result.stderr
     copy.write_text(original)
-    result = run(cmd(stopped.parent / "b", cache, f"data.source={copy}", "log.progress=true", "--resume",
-                     str(list_checkpoints(stopped.parent / "b")[0])))
+    result = run(cmd(stopped.parent / "b", cache, f"data.source={copy}", "log.progress=true",
+                     "model.checkpoint_layers=1", "--resume", str(list_checkpoints(stopped.parent / "b")[0])))
     assert result.returncode == 0, result.stderr
     assert "resume: allowed change train.save_every: 2 -> 0" in result.stdout
+    assert "resume: allowed change model.checkpoint_layers: None -> 1" in result.stdout
 
 
 def test_truncated_and_tampered_checkpoints_are_refused(stopped, cache):

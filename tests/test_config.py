@@ -82,3 +82,11 @@ def test_tutorial_config_is_the_tutorial():
     assert (cfg.train.epochs, cfg.train.warmup_ratio, cfg.train.precision) == (100, 0.03, "fp16")
     assert (cfg.train.optimizer, cfg.data.max_length, cfg.data.limit) == ("paged_adamw_8bit", 512, 20)
     assert cfg.data.format == "closed_book" and cfg.model.quant_type == "nf4" and cfg.model.double_quant
+
+
+def test_varlen_attention_needs_half_precision_on_a_gpu(tmp_path):
+    path = write(tmp_path, BASE)
+    with pytest.raises(UserError, match="varlen: flash attention needs train.precision bf16 or fp16"):
+        load_config(path, ["model.attn_implementation=varlen", "train.precision=fp32"])
+    cfg = load_config(path, ["model.attn_implementation=varlen", "train.precision=fp32", "train.device=cpu"])
+    assert cfg.model.attn_implementation == "varlen"  # the CPU runs it as one SDPA call per sequence
