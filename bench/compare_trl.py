@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from qlora.attention import VARLEN  # noqa: E402
 from qlora.attention import register as register_varlen  # noqa: E402
-from qlora.batching import DataOrder, pack_length  # noqa: E402
+from qlora.batching import DataOrder, data_order, pack_length  # noqa: E402
 from qlora.config import Config, load_config  # noqa: E402
 from qlora.data import IGNORE, prepare_data  # noqa: E402
 from qlora.loop import micro_batch_loss, optimizer_step, train_step  # noqa: E402
@@ -250,11 +250,13 @@ def run_trl(cfg: Config, tokenizer: Any, data: Any, device: torch.device, steps:
 # ---------------------------------------------------------------- parity
 
 def run_parity(cfg: Config, tokenizer: Any, data: Any, device: torch.device, steps: int) -> list[dict]:
-    """Same initial adapter, same batches in the same order, dropout 0: per-step losses."""
+    """Same initial adapter, same examples per step in the same order, dropout 0: per-step losses.
+    Our side runs the levers the overrides turn on (e.g. model.attn_implementation=varlen
+    data.packing=true model.compile_layers=true): packing regroups a step's examples into rows but
+    keeps the step's examples, so the step's loss must still match."""
     cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0),
                               data=dataclasses.replace(cfg.data, group_by_length=False))
-    order = DataOrder(data.rows, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, False,
-                      tokenizer.pad_token_id)
+    order = data_order(data.rows, cfg.data, cfg.train, tokenizer.pad_token_id)
     ours_model = build_model(cfg.model, cfg.lora, cfg.train.precision, device, cfg.train.seed)
     optimizer = build_optimizer(ours_model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
@@ -268,7 +270,8 @@ def run_parity(cfg: Config, tokenizer: Any, data: Any, device: torch.device, ste
     del ours_model, optimizer
     torch.cuda.empty_cache()
     rows = [r for step in range(steps) for batch in order.window(step)[1] for r in batch]
-    trl_model = build_model(cfg.model, cfg.lora, cfg.train.precision, device, cfg.train.seed)  # same adapter
+    plain = dataclasses.replace(cfg.model, attn_implementation="sdpa", compile_layers=False)  # TRL pads its rows
+    trl_model = build_model(plain, cfg.lora, cfg.train.precision, device, cfg.train.seed)  # same adapter
     with tempfile.TemporaryDirectory() as tmp:
         trainer = trl_trainer(cfg, trl_model, tokenizer, rows, steps, Path(tmp), sequential=True, peft=False)
         trainer.train()
