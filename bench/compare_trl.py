@@ -38,13 +38,14 @@ import torch  # noqa: E402
 
 from qlora.attention import VARLEN  # noqa: E402
 from qlora.attention import register as register_varlen  # noqa: E402
-from qlora.batching import DataOrder, data_order, pack_length  # noqa: E402
+from qlora.batching import DataOrder, data_order  # noqa: E402
 from qlora.config import Config, load_config  # noqa: E402
 from qlora.data import IGNORE, prepare_data  # noqa: E402
 from qlora.loop import micro_batch_loss, optimizer_step, train_step  # noqa: E402
 from qlora.memory import GIB, MemoryMeter  # noqa: E402
 from qlora.model import (DTYPES, build_model, cast_frozen_fp32, checkpoint_first_layers,  # noqa: E402
-                         compile_decoder_layers, load_base_model, load_tokenizer, resolve_device)
+                         compile_decoder_layers, load_base_model, load_tokenizer, read_architecture,
+                         resolve_device)
 from qlora.optim import build_optimizer, build_scaler, build_scheduler  # noqa: E402
 
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM; the H200 has the same tensor cores
@@ -75,9 +76,9 @@ def setup(shape: str, overrides: list[str]) -> tuple[Config, Any, Any, torch.dev
 
 
 def n_params(cfg: Config) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model.arch or cfg.model.name))
+        model = AutoModelForCausalLM.from_config(read_architecture(cfg.model))
     return sum(p.numel() for p in model.parameters())
 
 
@@ -110,13 +111,13 @@ def run_ours(cfg: Config, tokenizer: Any, data: Any, device: torch.device, steps
             compile_decoder_layers(model)
         if lever.get("checkpoint_layers"):
             checkpoint_first_layers(model, n_checkpointed)
-            name = f"+checkpoint {n_checkpointed} of {cfg_layers(cfg)} layers"
+            name = f"+checkpoint {n_checkpointed} of {read_architecture(cfg.model).num_hidden_layers} layers"
         if only_last and index < len(LEVERS) - 1 - (n_checkpointed is None):
             continue
         name = name if not skip else f"{name} (without {', '.join(skip)})"
-        order = DataOrder(data.rows, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed,
-                          lever["group_by_length"], tokenizer.pad_token_id,
-                          pack_to=pack_length(cfg.data, cfg.train) if lever["packing"] else None)
+        order = data_order(data.rows, dataclasses.replace(cfg.data, group_by_length=lever["group_by_length"],
+                                                          packing=lever["packing"]),
+                           cfg.train, tokenizer.pad_token_id)
         check = (loss_against_sdpa(model, order, cfg, device, lever)
                  if lever.get("attn") == VARLEN and ("attn" in change or "packing" in change) else None)
         optimizer = build_optimizer(model, cfg.train)
@@ -166,10 +167,6 @@ def loss_against_sdpa(model: Any, order: DataOrder, cfg: Config, device: torch.d
     model.train()
     return abs(losses[0] - losses[1]) / losses[1]
 
-
-def cfg_layers(cfg: Config) -> int:
-    from transformers import AutoConfig
-    return AutoConfig.from_pretrained(cfg.model.arch or cfg.model.name).num_hidden_layers
 
 
 # ---------------------------------------------------------------- TRL

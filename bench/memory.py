@@ -28,7 +28,7 @@ from qlora.batching import collate  # noqa: E402
 from qlora.config import load_config  # noqa: E402
 from qlora.data import encode_example, load_examples  # noqa: E402
 from qlora.loop import optimizer_step, train_step  # noqa: E402
-from qlora.memory import GIB, MemoryMeter, estimate_for_config  # noqa: E402
+from qlora.memory import GIB, MemoryMeter, estimate_for_config, step_peak_gib  # noqa: E402
 from qlora.model import build_model, load_tokenizer, read_architecture, resolve_device  # noqa: E402
 from qlora.optim import build_optimizer, build_scaler, build_scheduler  # noqa: E402
 
@@ -56,8 +56,7 @@ def measure(model, cfg, device, batch, checkpointing: bool) -> dict[str, float]:
         train_step(model, [batch], scaler, cfg.train.precision, device, cfg.train.supervised_logits_only, meter)
         with meter.phase("optimizer"):
             optimizer_step(model, optimizer, scheduler, scaler, cfg.train.max_grad_norm)
-        peaks.append(meter.step_peak_gib())
-        meter.step_record()
+        peaks.append(step_peak_gib(meter.step_record()))
     reserved = torch.cuda.max_memory_reserved(device) / GIB
     del optimizer
     return {"peak_allocated_gib": max(peaks), "peak_reserved_gib": reserved}

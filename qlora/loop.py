@@ -29,8 +29,8 @@ from qlora.config import Config
 from qlora.data import IGNORE
 from qlora.errors import UserError
 from qlora.logs import MetricsLog
-from qlora.memory import (PHASES, MemoryMeter, dump_history, format_breakdown, memory_line, start_history,
-                          startup_breakdown, write_breakdown)
+from qlora.memory import (MemoryMeter, dump_history, format_breakdown, memory_line, start_history,
+                          startup_breakdown, step_peak_gib, write_breakdown)
 from qlora.model import DTYPES
 
 
@@ -192,7 +192,7 @@ def fit(model: torch.nn.Module, order: DataOrder, optimizer: torch.optim.Optimiz
             except torch.OutOfMemoryError:
                 raise OutOfMemory(oom_report(step + 1, device)) from None
             metrics.write(record)
-            peak = max(filter(None, (peak, step_peak(record))), default=None)
+            peak = max(filter(None, (peak, step_peak_gib(record["mem"]))), default=None)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                             tok_s=f"{record['tokens_per_s']:.0f}", **peak_postfix(record))
             done = step + 1
@@ -212,13 +212,8 @@ def fit(model: torch.nn.Module, order: DataOrder, optimizer: torch.optim.Optimiz
     return FitResult(step=total_steps, checkpoint=checkpoint, interrupted=None, peak_gib=peak)
 
 
-def step_peak(record: dict[str, Any]) -> float | None:
-    mem = record["mem"]
-    return None if mem["peak_forward_gib"] is None else max(mem[f"peak_{p}_gib"] for p in PHASES)
-
-
 def peak_postfix(record: dict[str, Any]) -> dict[str, str]:
-    peak = step_peak(record)
+    peak = step_peak_gib(record["mem"])
     return {"rss": f"{record['mem']['rss_gib']:.2f}G"} if peak is None else {"peak": f"{peak:.2f}G"}
 
 

@@ -61,9 +61,6 @@ class MemoryMeter:
             self._peaks[name] = max(self._peaks.get(name, 0), stats["allocated_bytes.all.peak"])
             self._active_peak = max(self._active_peak, stats["active_bytes.all.peak"])
 
-    def step_peak_gib(self) -> float | None:
-        return max(self._peaks.values()) / GIB if self.cuda and self._peaks else None
-
     def step_record(self) -> dict[str, Any]:
         """The `mem` object of one metrics line; starts the next step's peaks from zero."""
         record: dict[str, Any] = {"rss_gib": _rss_bytes() / GIB, "peak_rss_gib": _peak_rss_bytes() / GIB}
@@ -82,6 +79,11 @@ class MemoryMeter:
                            "peak_active_gib": None, "alloc_retries": None, "ooms": None})
         self._peaks, self._active_peak = {}, 0
         return record
+
+
+def step_peak_gib(mem: dict[str, Any]) -> float | None:
+    """The largest per-phase peak of one step's `mem` record (None on CPU)."""
+    return None if mem["peak_forward_gib"] is None else max(mem[f"peak_{p}_gib"] for p in PHASES)
 
 
 def memory_line(device: torch.device) -> str:
