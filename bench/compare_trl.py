@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from qlora.attention import VARLEN  # noqa: E402
 from qlora.attention import register as register_varlen  # noqa: E402
 from qlora.batching import DataOrder, data_order  # noqa: E402
-from qlora.config import Config, load_config  # noqa: E402
+from qlora.config import Config, ModelConfig, load_config  # noqa: E402
 from qlora.data import IGNORE, prepare_data  # noqa: E402
 from qlora.loop import micro_batch_loss, optimizer_step, train_step  # noqa: E402
 from qlora.memory import GIB, MemoryMeter  # noqa: E402
@@ -171,6 +171,12 @@ def loss_against_sdpa(model: Any, order: DataOrder, cfg: Config, device: torch.d
 
 # ---------------------------------------------------------------- TRL
 
+def trl_model_config(model: ModelConfig) -> ModelConfig:
+    """TRL's side runs padded rows through SDPA, uncompiled, whatever levers the config turns on
+    for ours (varlen attention needs sequence bounds that only our loop passes)."""
+    return dataclasses.replace(model, attn_implementation="sdpa", compile_layers=False, checkpoint_layers=None)
+
+
 def trl_dataset(rows: list[Any], tmp: Path) -> Any:
     """Pre-tokenized rows with TRL's completion_mask, through a JSON file (Dataset.from_list fails
     on the GPU machine's Python 3.12)."""
@@ -230,7 +236,7 @@ def run_trl(cfg: Config, tokenizer: Any, data: Any, device: torch.device, steps:
             torch.cuda.synchronize(device)
             self.times.append(time.perf_counter() - self.start)
 
-    model = load_base_model(cfg.model, cfg.train.precision, device, cfg.train.seed)
+    model = load_base_model(trl_model_config(cfg.model), cfg.train.precision, device, cfg.train.seed)
     clock = StepClock()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = trl_trainer(cfg, model, tokenizer, data.rows, steps + 1, Path(tmp), sequential=False, peft=True)
@@ -267,8 +273,7 @@ def run_parity(cfg: Config, tokenizer: Any, data: Any, device: torch.device, ste
     del ours_model, optimizer
     torch.cuda.empty_cache()
     rows = [r for step in range(steps) for batch in order.window(step)[1] for r in batch]
-    plain = dataclasses.replace(cfg.model, attn_implementation="sdpa", compile_layers=False)  # TRL pads its rows
-    trl_model = build_model(plain, cfg.lora, cfg.train.precision, device, cfg.train.seed)  # same adapter
+    trl_model = build_model(trl_model_config(cfg.model), cfg.lora, cfg.train.precision, device, cfg.train.seed)  # same adapter
     with tempfile.TemporaryDirectory() as tmp:
         trainer = trl_trainer(cfg, trl_model, tokenizer, rows, steps, Path(tmp), sequential=True, peft=False)
         trainer.train()

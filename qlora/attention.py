@@ -46,6 +46,11 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if cu_seq_lens_q is None:
         raise RuntimeError("varlen attention needs the batch's sequence bounds (qlora.attention.sequence_bounds)")
     rows, heads, width, dim = query.shape
+    if query.dtype == torch.float32 and torch.is_autocast_enabled(query.device.type):
+        # fp32 norms (model.upcast_non_quantized) hand us fp32 q/k/v. Autocast runs SDPA in the
+        # compute dtype; flash attention, a custom op autocast does not see, accepts only that dtype.
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     # [B, H, T, D] -> [B*T, H, D]: one stream of tokens, sequences delimited by cu_seq_lens_q
     q, k, v = (t.transpose(1, 2).reshape(rows * width, t.shape[1], dim) for t in (query, key, value))
     if q.is_cuda:
