@@ -168,7 +168,6 @@ def loss_against_sdpa(model: Any, order: DataOrder, cfg: Config, device: torch.d
     return abs(losses[0] - losses[1]) / losses[1]
 
 
-
 # ---------------------------------------------------------------- TRL
 
 def trl_model_config(model: ModelConfig) -> ModelConfig:

@@ -14,7 +14,8 @@ python bench/compare_adapters.py "$out/unbroken/final" "$out/resumed/final"
 python - "$out" <<'PY'
 import json, sys
 from pathlib import Path
-read = lambda p: {r["step"]: r["loss"] for r in map(json.loads, Path(p).read_text().splitlines())}
+from qlora.logs import read_metrics
+read = lambda p: {r["step"]: r["loss"] for r in read_metrics(Path(p))}
 a, b = read(f"{sys.argv[1]}/unbroken/metrics.jsonl"), read(f"{sys.argv[1]}/resumed/metrics.jsonl")
 print(json.dumps({"steps": sorted(b), "max_loss_diff_steps_11_20": max(abs(a[s] - b[s]) for s in range(11, 21))}))
 PY

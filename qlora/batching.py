@@ -105,6 +105,12 @@ def total_steps(train: TrainConfig, n_rows: int) -> int:
     return train.max_steps or train.epochs * windows_per_epoch(n_rows, train.batch_size, train.grad_accum)
 
 
+def supervised_count(labels: torch.Tensor) -> int:
+    """Tokens a batch learns: labels shifted by one, since position t predicts token t+1. Counted
+    once, at collation, on the CPU tensors: no GPU sync."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row of this batch (not to max_length): padded positions get
     attention 0 and label IGNORE."""
@@ -118,7 +124,7 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(r.labels)
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "n_tokens": int(attention_mask.sum())}
+            "n_tokens": int(attention_mask.sum()), "n_supervised": supervised_count(labels)}
 
 
 def collate_packed(group: list[Encoded]) -> dict[str, torch.Tensor]:
@@ -130,4 +136,4 @@ def collate_packed(group: list[Encoded]) -> dict[str, torch.Tensor]:
     labels = torch.tensor([t for r in group for t in r.labels]).unsqueeze(0)
     position_ids = torch.cat([torch.arange(len(r.input_ids)) for r in group]).unsqueeze(0)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "n_tokens": input_ids.shape[1]}
+            "n_tokens": input_ids.shape[1], "n_supervised": supervised_count(labels)}

@@ -50,12 +50,6 @@ OOM_KNOBS = ("to lower the peak: train.batch_size (raise train.grad_accum to kee
              "train.optimizer=paged_adamw_8bit")
 
 
-def supervised_count(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens this batch learns: labels shifted by one, since position t predicts token t+1.
-    Counted on the CPU tensors, so it costs no GPU sync."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
 def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: str,
                      device: torch.device, supervised_logits_only: bool) -> torch.Tensor:
     """Summed (not averaged) cross-entropy over the batch's supervised tokens, in fp32."""
@@ -92,7 +86,7 @@ def train_step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
     Each micro-batch's summed loss is divided by the supervised tokens of the *whole window*, so the
     accumulated gradient equals that of one batch holding every row (not a mean of per-batch means,
     which over-weights tokens of short batches: transformers PR 34191)."""
-    window_tokens = sum(supervised_count(b) for b in batches)
+    window_tokens = sum(b["n_supervised"] for b in batches)
     total = torch.zeros((), device=device)
     for batch in batches:
         with meter.phase("forward"):
@@ -192,9 +186,10 @@ def fit(model: torch.nn.Module, order: DataOrder, optimizer: torch.optim.Optimiz
             except torch.OutOfMemoryError:
                 raise OutOfMemory(oom_report(step + 1, device)) from None
             metrics.write(record)
-            peak = max(filter(None, (peak, step_peak_gib(record["mem"]))), default=None)
+            step_peak = step_peak_gib(record["mem"])
+            peak = max(filter(None, (peak, step_peak)), default=None)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                            tok_s=f"{record['tokens_per_s']:.0f}", **peak_postfix(record))
+                            tok_s=f"{record['tokens_per_s']:.0f}", **peak_postfix(record, step_peak))
             done = step + 1
             if step == start_step:  # optimizer states exist only after the first step
                 breakdown = startup_breakdown(model, optimizer, device)
@@ -212,8 +207,7 @@ def fit(model: torch.nn.Module, order: DataOrder, optimizer: torch.optim.Optimiz
     return FitResult(step=total_steps, checkpoint=checkpoint, interrupted=None, peak_gib=peak)
 
 
-def peak_postfix(record: dict[str, Any]) -> dict[str, str]:
-    peak = step_peak_gib(record["mem"])
+def peak_postfix(record: dict[str, Any], peak: float | None) -> dict[str, str]:
     return {"rss": f"{record['mem']['rss_gib']:.2f}G"} if peak is None else {"peak": f"{peak:.2f}G"}
 
 
@@ -248,7 +242,7 @@ def run_step(model: torch.nn.Module, order: DataOrder, optimizer: torch.optim.Op
     return {"step": step + 1, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
             "skipped": skipped, "skipped_total": progress["skipped_total"], "tokens": tokens,
-            "supervised_tokens": sum(supervised_count(b) for b in batches),
+            "supervised_tokens": sum(b["n_supervised"] for b in batches),
             "tokens_per_s": tokens / seconds, "step_s": seconds, "elapsed_s": progress["elapsed_s"],
             "mem": meter.step_record()}
 

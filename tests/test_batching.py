@@ -86,6 +86,7 @@ def test_collate_packed_positions():
     assert batch["input_ids"][0].tolist() == [1, 2, 3, 1, 2, 1, 2, 3, 4]
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3]
     assert batch["labels"][0].tolist() == [IGNORE, 7, 8, 7, 8, IGNORE, IGNORE, 7, 8] and batch["n_tokens"] == 9
+    assert batch["n_supervised"] == 6  # position 0 predicts nothing: labels shift by one
 
 
 def test_sequence_bounds_of_packed_and_padded_batches():

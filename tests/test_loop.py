@@ -12,7 +12,7 @@ from qlora.batching import collate, collate_packed, pack
 from qlora.config import TrainConfig
 from qlora.data import IGNORE, Encoded, Example
 from qlora.memory import MemoryMeter
-from qlora.loop import micro_batch_loss, optimizer_step, supervised_count, train_step
+from qlora.loop import micro_batch_loss, optimizer_step, train_step
 from qlora.optim import build_optimizer, build_scaler, build_scheduler, warmup_steps
 
 CPU = torch.device("cpu")
@@ -50,7 +50,7 @@ def test_accumulation_equals_one_big_batch(tiny_model_factory):
     # the per-micro-batch mean (the 2024 HF Trainer bug) gives a different gradient
     model.zero_grad()
     for b in micro:
-        (micro_batch_loss(model, b, "fp32", CPU, True) / supervised_count(b) / len(micro)).backward()
+        (micro_batch_loss(model, b, "fp32", CPU, True) / b["n_supervised"] / len(micro)).backward()
     naive = lora_grads(model)
     assert max((naive[n] - big[n]).abs().max() for n in big) > 1e-3 * max(big[n].abs().max() for n in big)
 
@@ -123,7 +123,7 @@ def test_compute_dtype_norms_and_head_keep_the_loss_within_bf16_rounding(tiny_mo
         assert frozen == ({torch.float32} if upcast else {torch.bfloat16})
         assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
         with torch.no_grad():
-            losses.append(float(micro_batch_loss(model, batch, "bf16", CPU, True)) / supervised_count(batch))
+            losses.append(float(micro_batch_loss(model, batch, "bf16", CPU, True)) / batch["n_supervised"])
     assert losses[1] == pytest.approx(losses[0], rel=1e-2)
 
 
