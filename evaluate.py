@@ -19,9 +19,9 @@ from typing import Any
 from qlora.config import Config, load_config
 from qlora.data import Example, load_examples, select_examples
 from qlora.errors import UserError, run_cli
-from qlora.generate import generate_answers
 from qlora.korquad_metric import EXPECTED_VERSION, gold_answers, score
-from qlora.model import load_for_inference, load_tokenizer, merge_adapter, resolve_device
+
+# torch, transformers and peft load only where a model is used: --score and --help answer at once
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -67,9 +67,12 @@ def score_files(predictions_path: Path, data_path: Path) -> dict[str, Any]:
     except (KeyError, TypeError) as e:
         raise UserError(f"data file {data_path}: article, paragraph or question without field {e}") from None
     unknown = sorted(set(predictions) - set(gold))
-    if unknown:
-        raise UserError(f"predictions file {predictions_path}: {len(unknown)} ids not in {data_path}, "
-                        f"e.g. {unknown[0]!r}")
+    if predictions and len(unknown) == len(predictions):
+        raise UserError(f"predictions file {predictions_path}: none of its {len(predictions)} ids is in "
+                        f"{data_path} (another data file?), e.g. {unknown[0]!r}")
+    if unknown:  # as the official script: ids the data file lacks are ignored
+        print(f"warning: {len(unknown)} ids of {predictions_path} are not in {data_path} and are ignored, "
+              f"e.g. {unknown[0]!r}", file=sys.stderr)
     return score(gold, predictions)
 
 
@@ -82,6 +85,9 @@ def eval_examples(cfg: Config, limit: int | None) -> list[Example]:
 
 
 def answer_and_score(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
+    from qlora.generate import generate_answers
+    from qlora.model import load_for_inference, load_tokenizer, resolve_device
+
     device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(cfg.model)
     if args.tutorial:  # the tutorial asks 5 questions of the data it trained on
@@ -93,7 +99,7 @@ def answer_and_score(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     started = time.perf_counter()
     answers = generate_answers(model, tokenizer, examples, cfg.data.format, cfg.data.max_length,
                                cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.train.precision, device,
-                               progress=cfg.log.progress)
+                               progress=cfg.train.progress_bar)
     seconds = time.perf_counter() - started
     if args.tutorial:
         return tutorial_report(examples, answers)
@@ -121,6 +127,20 @@ def tutorial_report(examples: list[Example], answers: dict[str, tuple[str, str]]
     return {"tutorial_score": hits, "questions": len(examples)}
 
 
+def merge(args: argparse.Namespace, cfg: Config) -> None:
+    """The adapter folded into plain weights, saved with the tokenizer into a new or empty folder."""
+    from qlora.model import load_tokenizer, merge_adapter
+
+    if not args.adapter:
+        raise UserError("--merge-to needs --adapter")
+    out: Path = args.merge_to
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--merge-to {out} is not an empty folder; name a new one (nothing was written)")
+    merge_adapter(cfg.model, args.adapter, out, args.merge_precision, cfg.train.seed)
+    load_tokenizer(cfg.model).save_pretrained(out)
+    print(f"merged model written to {out}")
+
+
 def run(args: argparse.Namespace) -> None:
     if args.score or args.data:
         if not (args.score and args.data):
@@ -135,11 +155,7 @@ def run(args: argparse.Namespace) -> None:
         raise UserError("name the adapter with --adapter RUN/final, or pass --no-adapter")
     cfg = load_config(args.config, args.overrides)
     if args.merge_to:
-        if not args.adapter:
-            raise UserError("--merge-to needs --adapter")
-        merge_adapter(cfg.model, args.adapter, args.merge_to, args.merge_precision, cfg.train.seed)
-        load_tokenizer(cfg.model).save_pretrained(args.merge_to)
-        print(f"merged model written to {args.merge_to}")
+        merge(args, cfg)
         return
     print(json.dumps(answer_and_score(args, cfg)))
 

@@ -1,10 +1,14 @@
-"""QLoRA fine-tuning, phase by phase: config -> data -> model -> optimizer -> loop -> save.
+"""QLoRA fine-tuning, phase by phase: config -> data -> resume point -> model -> training state ->
+loop -> save.
 
     python train.py --config configs/tiny.yaml [section.key=value ...] [--overwrite]
-    python train.py --config configs/tiny.yaml --resume [CHECKPOINT_DIR]
+    python train.py --config configs/tiny.yaml --resume                 # the latest checkpoint
+    python train.py --config configs/tiny.yaml --resume-from CHECKPOINT_DIR
+    python train.py --config configs/tiny.yaml --dry-run [--estimate-memory]
     python train.py --config configs/tiny.yaml --inspect-data 3 [--json]
+    python train.py --config configs/tiny.yaml --break-at 5:optimizer   # breakpoint() in step 5
 
-Each phase is one call into qlora/; set a breakpoint on any line below and step in.
+Each phase is one call into qlora/; set a breakpoint on any line of `run` and step in.
 """
 
 from __future__ import annotations
@@ -14,133 +18,163 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
-from qlora import use_expandable_segments
-
-use_expandable_segments()  # before torch touches CUDA
-
-import torch  # noqa: E402
-
-from qlora.batching import data_order, total_steps
-from qlora.checkpoint import (Checkpoint, check_compatible, check_output_dir, data_fingerprint, find_checkpoint,
-                              load_checkpoint, prepare_run_dir, restore, save_final, truncate_metrics)
-from qlora.config import Config, load_config
-from qlora.data import inspect_rows, prepare_data
-from qlora.errors import run_cli
-from qlora.logs import MetricsLog
-from qlora.loop import CheckpointPlan, FitResult, FitSettings, fit
-from qlora.memory import estimate_for_config, format_estimate
-from qlora.model import build_model, load_tokenizer, read_architecture, resolve_device, trainable_parameters
-from qlora.optim import build_optimizer, build_scaler, build_scheduler
+from qlora.config import load_config
+from qlora.debug import PHASES, BreakAt, parse_break_at
+from qlora.errors import UserError, run_cli
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--config", required=True, help="YAML config file (python -m qlora.config lists every key)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                   help="continue from the latest checkpoint of the output directory, or from CHECKPOINT")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--overwrite", action="store_true",
+                       help="replace the run in the output directory (its other files are kept)")
+    start.add_argument("--resume", action="store_true", help="continue from the output directory's latest checkpoint")
+    start.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check config, data and output directory (or checkpoint), print the plan, load no model")
     p.add_argument("--inspect-data", type=int, metavar="N",
-                   help="show the first N encoded examples and exit (loads no model)")
+                   help="print the data report and the first N encoded examples, then exit (loads no model)")
     p.add_argument("--json", action="store_true", help="with --inspect-data: print a JSON list")
     p.add_argument("--estimate-memory", action="store_true",
-                   help="print the predicted peak before loading the model, and the measured one at the end")
+                   help="print the predicted peak before loading the model, and the measured one (CUDA) at the end")
     p.add_argument("--memory-snapshot", type=int, default=0, metavar="N",
-                   help="record allocations for the first N steps into <output_dir>/memory_snapshot.pickle")
+                   help="record CUDA allocations for the first N steps into <output_dir>/memory_snapshot.pickle")
+    p.add_argument("--break-at", type=parse_break_at, metavar="STEP[:PHASE]",
+                   help=f"call breakpoint() in optimizer step STEP at PHASE ({', '.join(PHASES)}; default "
+                        f"window); PYTHONBREAKPOINT picks the debugger")
     return p.parse_intermixed_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
-    # 1. config: every problem reported before anything heavy loads
+    # 1. config: every problem reported before torch loads (a second, not ten)
     cfg = load_config(args.config, args.overrides)
     t = cfg.train
+
+    # torch, transformers, peft and bitsandbytes load only now
+    from qlora.batching import data_order, total_steps
+    from qlora.checkpoint import data_fingerprint, open_run_dir, save_final
+    from qlora.data import prepare_data
+    from qlora.estimate import estimate_for_config, format_estimate
+    from qlora.logs import MetricsLog
+    from qlora.loop import SavePlan, StepSettings, Watch, fit
+    from qlora.model import build_model, load_tokenizer, read_architecture, resolve_device, trainable_parameters
+    from qlora.optim import build_training_state
 
     # 2. data: tokenize, mask prompts, cut long contexts around the answer
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, t.seed)
+    # with --json, stdout holds only the JSON list
+    print("\n".join(data.report.lines()), file=sys.stderr if args.json else sys.stdout)
     estimate = None
     if args.estimate_memory:  # from config.json and the longest row: nothing is loaded
         estimate = estimate_for_config(cfg, read_architecture(cfg.model),
                                        seq=max(len(r.input_ids) for r in data.rows))
         print(format_estimate(estimate))
-    if args.inspect_data is not None:  # also the way to stop after the estimate: --inspect-data 0
-        show_examples(inspect_rows(data, tokenizer, args.inspect_data), args.json)
+    if args.inspect_data is not None:
+        show_examples(data, tokenizer, args.inspect_data, args.json)
         return
-    print("\n".join(data.report.lines()))
     order = data_order(data.rows, cfg.data, t, tokenizer.pad_token_id)
     n_steps = total_steps(t, len(data.rows))
     fingerprint = data_fingerprint(data.rows)
-    if args.resume is None:
-        check_output_dir(cfg, args.overwrite)
 
-    # 3. model: 4-bit base + fp32 LoRA adapters, in train mode
+    # 3. resume point: a fresh start, or a checkpoint checked against this config and data
     device = resolve_device(t.device)
-    ckpt = resume_point(args, cfg, fingerprint, device)
+    start = resume_point(args, cfg, fingerprint, n_steps, device)
+    check_break_at(args.break_at, start.step, n_steps)
+    if args.dry_run:
+        print(f"dry run: steps {start.step + 1}-{n_steps} of {t.batch_size} x {t.grad_accum} examples on "
+              f"{device}, into {t.output_dir}; no model loaded, nothing written")
+        return
+
+    # 4. model: 4-bit base + fp32 LoRA adapters, in train mode
     model = build_model(cfg.model, cfg.lora, t.precision, device, t.seed)
     trainable, total = trainable_parameters(model)
     print(f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%) on {device}")
 
-    # 4. optimizer, schedule, loss scaling
-    optimizer = build_optimizer(model, t)
-    scheduler = build_scheduler(optimizer, t, n_steps)
-    scaler = build_scaler(t.precision, device)
+    # 5. training state: optimizer, schedule, loss scaling (from a checkpoint: restored last, so
+    #    its RNG states are the loop's)
+    state = build_training_state(model, t, n_steps, device)
+    run_dir = open_run_dir(cfg, args.overwrite, start)
+    start.restore(model, state)
 
-    # 5. loop (from a checkpoint: restored last, so its RNG states are the loop's)
-    run_dir = Path(t.output_dir) if ckpt else prepare_run_dir(cfg, args.overwrite)
-    if ckpt:
-        restore(ckpt, model, optimizer, scheduler, scaler)
-        truncate_metrics(run_dir / "metrics.jsonl", ckpt.step)
-    settings = FitSettings(precision=t.precision, max_grad_norm=t.max_grad_norm,
-                           supervised_logits_only=t.supervised_logits_only,
-                           progress=cfg.log.progress,
-                           memory_snapshot_steps=args.memory_snapshot)
-    plan = CheckpointPlan(run_dir=run_dir, every=t.save_every, keep_last=t.keep_last, config=cfg,
-                          data_fingerprint=fingerprint)
+    # 6. loop
+    if args.memory_snapshot and device.type != "cuda":
+        print("memory: --memory-snapshot records CUDA allocations; on the CPU nothing is recorded")
+    settings = StepSettings(precision=t.precision, max_grad_norm=t.max_grad_norm,
+                            supervised_logits_only=t.supervised_logits_only, break_at=args.break_at)
+    saving = SavePlan(run_dir=run_dir, every=t.save_every, keep_last=t.keep_last, config=cfg,
+                      data_fingerprint=fingerprint)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     try:
-        result = fit(model, order, optimizer, scheduler, scaler, settings, device, n_steps, metrics,
-                     plan, start_step=ckpt.step if ckpt else 0,
-                     progress=ckpt.state["progress"] if ckpt else None)
+        result = fit(model, order, state, settings, device, n_steps, metrics, saving, start,
+                     Watch(progress_bar=t.progress_bar, memory_snapshot_steps=args.memory_snapshot))
     finally:
         metrics.close()
-    report_end(args, result, estimate)
-    if result.interrupted:
-        return
 
-    # 6. save
-    final = save_final(model, tokenizer, cfg, run_dir)
-    print(f"saved adapter, tokenizer and config to {final}")
+    # 7. save
+    final = None if result.interrupted else save_final(model, tokenizer, cfg, run_dir)
+    print(summary(args, result, estimate, run_dir, final))
 
 
-def report_end(args: argparse.Namespace, result: FitResult, estimate: dict[str, int] | None) -> None:
-    """The measured peak beside the estimate; after a signal, the command that resumes."""
-    if estimate and result.peak_gib is not None:
-        measured, predicted = result.peak_gib, estimate["total"] / 2**30
-        print(f"peak allocated: measured {measured:.2f} GiB, estimated {predicted:.2f} GiB "
-              f"({100 * (predicted - measured) / measured:+.1f}%)")
-    if result.interrupted:
-        command = shlex.join(["python", "train.py", "--config", args.config, *args.overrides, "--resume"])
-        print(f"{result.interrupted}: stopped after step {result.step}, saved {result.checkpoint}\n"
-              f"resume with: {command}")
+def resume_point(args: argparse.Namespace, cfg: Any, fingerprint: str, n_steps: int, device: Any) -> Any:
+    """Start() for a fresh run (whose output directory must not hold a run, unless --overwrite), or
+    the checkpoint's Start, checked against this config and data."""
+    from qlora.checkpoint import Start, check_compatible, check_output_dir, find_checkpoint, load_checkpoint
 
-
-def resume_point(args: argparse.Namespace, cfg: Config, fingerprint: str,
-                 device: torch.device) -> Checkpoint | None:
-    """The checkpoint to continue from, checked against this config and data, or None."""
-    if args.resume is None:
-        return None
-    path = find_checkpoint(Path(cfg.train.output_dir), None if args.resume == "latest" else args.resume)
+    if not (args.resume or args.resume_from):
+        check_output_dir(cfg, args.overwrite)
+        return Start()
+    path = find_checkpoint(Path(cfg.train.output_dir), args.resume_from)
     ckpt = load_checkpoint(path, device)
     for line in check_compatible(cfg, ckpt, fingerprint):
         print(f"resume: allowed change {line}")
-    print(f"resume: from {path} (step {ckpt.step})")
-    return ckpt
+    if ckpt.step >= n_steps:
+        raise UserError(f"nothing to resume: checkpoint {path} is at step {ckpt.step}, the run's last step "
+                        f"is {n_steps} (its adapter is in {Path(cfg.train.output_dir) / 'final'})")
+    print(f"resume: from {path} (step {ckpt.step} of {n_steps})")
+    return Start.from_checkpoint(ckpt)
 
 
-def show_examples(rows: list[dict], as_json: bool) -> None:
+def check_break_at(break_at: BreakAt | None, done: int, n_steps: int) -> None:
+    if break_at and not done < break_at.step <= n_steps:
+        raise UserError(f"--break-at step {break_at.step} is not among the steps this run will take "
+                        f"({done + 1}-{n_steps})")
+
+
+def summary(args: argparse.Namespace, result: Any, estimate: dict[str, int] | None, run_dir: Path,
+            final: Path | None) -> str:
+    """What a run leaves behind, in a few lines: also printed without the progress bar."""
+    lines = [f"done: step {result.step}; {result.steps_run} steps in {result.seconds:.1f} s, median "
+             f"{result.median_tokens_per_s:,.0f} tokens/s"]
+    if result.peak_gib is not None:
+        lines.append(f"memory: peak allocated {result.peak_gib:.2f} GiB, peak reserved "
+                     f"{result.peak_reserved_gib:.2f} GiB")
+    else:
+        lines.append(f"memory: peak RSS {result.peak_rss_gib:.2f} GiB (allocated and reserved are CUDA's)")
+    if estimate:
+        predicted = estimate["total"] / 2**30
+        lines.append(f"memory: estimated peak allocated {predicted:.2f} GiB" + (
+            f", measured {result.peak_gib:.2f} GiB ({100 * (predicted - result.peak_gib) / result.peak_gib:+.1f}%)"
+            if result.peak_gib is not None else " (measured only on CUDA)"))
+    lines.append(f"metrics: {run_dir / 'metrics.jsonl'}; checkpoint: {result.checkpoint}")
+    if final is not None:
+        lines.append(f"adapter, tokenizer and config: {final}")
+    else:
+        command = shlex.join(["python", "train.py", "--config", args.config, *args.overrides, "--resume"])
+        lines.append(f"{result.interrupted}: stopped after step {result.step}\nresume with: {command}")
+    return "\n".join(lines)
+
+
+def show_examples(data: Any, tokenizer: Any, n: int, as_json: bool) -> None:
+    from qlora.data import inspect_rows
+
+    rows = inspect_rows(data, tokenizer, n)
     if as_json:
-        print(json.dumps([{k: r[k] for k in ("prompt", "target", "n_tokens", "n_supervised", "truncated")}
+        print(json.dumps([{k: r[k] for k in ("id", "prompt", "target", "n_tokens", "n_supervised", "truncated")}
                           for r in rows], ensure_ascii=False, indent=1))
         return
     for r in rows:

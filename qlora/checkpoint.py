@@ -2,8 +2,12 @@
 
     <output_dir>/config.yaml                  the resolved config of the run
     <output_dir>/metrics.jsonl                one line per optimizer step
+    <output_dir>/memory.json                  memory by owner after the first step
     <output_dir>/checkpoints/step-00000010/   everything a resume needs (see save_checkpoint)
     <output_dir>/final/                       adapter (safetensors) + tokenizer + config.yaml
+
+Only these belong to the run: `--overwrite` replaces them and leaves anything else in the folder
+(e.g. evaluate.py's eval/) alone.
 
 A checkpoint is written into a temporary folder, flushed to disk, then renamed into place, so a
 run killed at any moment leaves every earlier checkpoint intact. Loading never runs code: tensors
@@ -20,7 +24,7 @@ import pickle
 import random
 import shutil
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +35,14 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from qlora.config import Config
+from qlora.config import Config, resume_safe_keys
 from qlora.errors import UserError
+from qlora.optim import TrainingState
 
 CHECKPOINTS = "checkpoints"
+RUN_FILES = ("config.yaml", "metrics.jsonl", "memory.json", "memory_snapshot.pickle", CHECKPOINTS, "final")
 ADAPTER, OPTIMIZER, STATE, META = "adapter_model.safetensors", "optimizer.pt", "state.pt", "meta.json"
-# Config keys a resumed run may change: they do not touch the numbers being computed.
-HARMLESS = {"log.progress", "eval.source", "eval.split", "eval.batch_size", "eval.max_new_tokens",
-            "eval.quantized", "train.save_every", "train.keep_last", "train.output_dir", "train.device",
-            "model.random_init_cache",
-            # speed and memory levers: the same examples per step, the same gradient up to rounding
-            # (e.g. resume an out-of-memory run with fewer layers kept out of checkpointing)
-            "model.gradient_checkpointing", "model.checkpoint_layers", "model.attn_implementation",
-            "model.cudnn_attention", "model.compile_layers", "data.packing", "data.pack_length"}
+FORMAT = 2  # meta.json's "format"; 2: config keys renamed (recompute_*, train.progress_bar), "totals"
 
 
 def write_config(cfg: Config, directory: Path) -> None:
@@ -52,21 +51,38 @@ def write_config(cfg: Config, directory: Path) -> None:
 
 
 def check_output_dir(cfg: Config, overwrite: bool) -> None:
-    """Refuse a non-empty output directory unless `overwrite`; writes nothing, so it can run before
-    the model loads and a refused run leaves no trace."""
+    """Refuse an output directory that holds a run unless `overwrite`; writes nothing, so it can run
+    before the model loads and a refused run leaves no trace."""
     run_dir = Path(cfg.train.output_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise UserError(f"output directory {run_dir} is not empty (pass --overwrite to replace it)")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"train.output_dir {run_dir} is a file, not a directory")
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if found and not overwrite:
+        raise UserError(f"output directory {run_dir} already holds a run ({', '.join(found)}); pass "
+                        f"--overwrite to replace it, or --resume to continue it")
 
 
-def prepare_run_dir(cfg: Config, overwrite: bool) -> Path:
-    """Create the output directory (emptied when `overwrite`) and write the resolved config."""
-    check_output_dir(cfg, overwrite)
+def open_run_dir(cfg: Config, overwrite: bool, start: "Start") -> Path:
+    """The output directory, ready for the loop, with the resolved config written into it.
+    Fresh run: the previous run's files are removed when `overwrite` (nothing else is).
+    Resumed run: metrics.jsonl is cut back to the checkpoint's step; resumed into another
+    directory, it starts from the checkpoint's run's metrics up to that step."""
     run_dir = Path(cfg.train.output_dir)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    if start.checkpoint is None:
+        check_output_dir(cfg, overwrite)
+        for name in RUN_FILES:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    elif run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"train.output_dir {run_dir} is a file, not a directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
     write_config(cfg, run_dir)
+    if start.checkpoint is not None:
+        metrics = run_dir / "metrics.jsonl"
+        earlier = metrics if metrics.exists() else start.checkpoint.path.parent.parent / "metrics.jsonl"
+        lines = earlier.read_text(encoding="utf-8").splitlines() if earlier.exists() else []
+        metrics.write_text("".join(line + "\n" for line in lines
+                                   if line.strip() and json.loads(line)["step"] <= start.step), encoding="utf-8")
     return run_dir
 
 
@@ -82,9 +98,8 @@ def save_final(model: Any, tokenizer: Any, cfg: Config, run_dir: Path) -> Path:
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_checkpoint(run_dir: Path, step: int, model: Any, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, scaler: torch.amp.GradScaler, cfg: Config, data_fingerprint: str,
-                    progress: dict[str, Any], keep_last: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model: Any, state: TrainingState, cfg: Config,
+                    data_fingerprint: str, totals: dict[str, Any], keep_last: int) -> Path:
     """Adapter, optimizer (8-bit states included), scheduler, GradScaler, RNG states, step and
     the config, as checkpoints/step-N. Returns its path; older ones beyond `keep_last` are removed."""
     root = run_dir / CHECKPOINTS
@@ -93,12 +108,13 @@ def save_checkpoint(run_dir: Path, step: int, model: Any, optimizer: torch.optim
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(get_peft_model_state_dict(model), tmp / ADAPTER)
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-    torch.save({"step": step, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": rng_state(), "progress": progress}, tmp / STATE)
+    torch.save(state.optimizer.state_dict(), tmp / OPTIMIZER)
+    torch.save({"step": step, "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
+                "rng": rng_state(), "totals": totals}, tmp / STATE)
     write_config(cfg, tmp)
     files = {p.name: sha256(p) for p in tmp.iterdir()}
-    (tmp / META).write_text(json.dumps({"step": step, "data_fingerprint": data_fingerprint, "files": files}))
+    (tmp / META).write_text(json.dumps({"format": FORMAT, "step": step, "data_fingerprint": data_fingerprint,
+                                        "files": files}))
     for path in tmp.iterdir():
         fsync(path)
     fsync(tmp)
@@ -130,8 +146,9 @@ class Checkpoint:
 def find_checkpoint(run_dir: Path, path: str | None) -> Path:
     """`path`, or the latest checkpoint of the run directory when None."""
     if path is not None:
-        if not Path(path).is_dir():
-            raise UserError(f"checkpoint not found: {path}")
+        if not (Path(path) / META).is_file():
+            raise UserError(f"checkpoint not found: {path} (expected a folder with {META}, "
+                            f"e.g. {run_dir / CHECKPOINTS / 'step-00000010'})")
         return Path(path)
     found = list_checkpoints(run_dir)
     if not found:
@@ -143,6 +160,10 @@ def load_checkpoint(path: Path, device: torch.device) -> Checkpoint:
     """Verify every file against meta.json, then load without running any pickled code."""
     try:
         meta = json.loads((path / META).read_text())
+        if meta.get("format") != FORMAT:
+            raise UserError(f"checkpoint {path} was written by an earlier version of qlora-loop (format "
+                            f"{meta.get('format', 1)}, this one reads {FORMAT}); finish that run with the "
+                            f"version that started it")
         for name, digest in meta["files"].items():
             if sha256(path / name) != digest:
                 raise UserError(f"checkpoint {path}: {name} does not match its checksum (truncated or changed)")
@@ -163,7 +184,7 @@ def check_compatible(cfg: Config, ckpt: Checkpoint, data_fingerprint: str) -> li
     differences so the caller can list them."""
     before, now = _flat(ckpt.config), _flat(cfg.to_dict())
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    fatal = [k for k in changed if k not in HARMLESS]
+    fatal = [k for k in changed if k not in resume_safe_keys()]
     if fatal:
         raise UserError("cannot resume: the config differs from the checkpoint's in " + ", ".join(
             f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in fatal))
@@ -173,18 +194,34 @@ def check_compatible(cfg: Config, ckpt: Checkpoint, data_fingerprint: str) -> li
     return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed]
 
 
-def restore(ckpt: Checkpoint, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-            scaler: torch.amp.GradScaler) -> None:
-    """Put the run back where the checkpoint left it. Call last before the loop: building the
-    model consumes random numbers, and the RNG states restored here must be the loop's."""
-    result = set_peft_model_state_dict(model, ckpt.adapter)
-    if getattr(result, "unexpected_keys", None):
-        raise UserError(f"checkpoint {ckpt.path}: adapter has unexpected weights {result.unexpected_keys[:3]}")
-    optimizer.load_state_dict(ckpt.optimizer)
-    repage_optimizer_state(optimizer)
-    scheduler.load_state_dict(ckpt.state["scheduler"])
-    scaler.load_state_dict(ckpt.state["scaler"])
-    set_rng_state(ckpt.state["rng"])
+@dataclass(frozen=True)
+class Start:
+    """Where the loop begins: step 0 of a fresh run, or a checkpoint's step and state."""
+    step: int = 0
+    """Optimizer steps already done."""
+    totals: dict[str, Any] = field(default_factory=lambda: {"skipped_total": 0, "elapsed_s": 0.0})
+    """Running totals that the metrics lines carry on across a resume."""
+    checkpoint: Checkpoint | None = None
+
+    @staticmethod
+    def from_checkpoint(ckpt: Checkpoint) -> "Start":
+        return Start(step=ckpt.step, totals=ckpt.state["totals"], checkpoint=ckpt)
+
+    def restore(self, model: Any, state: TrainingState) -> None:
+        """Put the run back where the checkpoint left it (nothing to do for a fresh run). Call it
+        last before the loop: building the model consumes random numbers, and the RNG states
+        restored here must be the loop's."""
+        ckpt = self.checkpoint
+        if ckpt is None:
+            return
+        result = set_peft_model_state_dict(model, ckpt.adapter)
+        if getattr(result, "unexpected_keys", None):
+            raise UserError(f"checkpoint {ckpt.path}: adapter has unexpected weights {result.unexpected_keys[:3]}")
+        state.optimizer.load_state_dict(ckpt.optimizer)
+        repage_optimizer_state(state.optimizer)
+        state.scheduler.load_state_dict(ckpt.state["scheduler"])
+        state.scaler.load_state_dict(ckpt.state["scaler"])
+        set_rng_state(ckpt.state["rng"])
 
 
 def repage_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -201,15 +238,6 @@ def repage_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                     buffer = optimizer.get_state_buffer(p, dtype=state[key].dtype)
                     buffer.copy_(state[key])
                     state[key] = buffer
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines after `step`: a run that died after its last checkpoint logged steps
-    that the resumed run will compute again."""
-    if path.exists():
-        keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
 def data_fingerprint(rows: list[Any]) -> str:

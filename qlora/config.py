@@ -1,5 +1,8 @@
 """Typed, frozen configuration: YAML file -> dataclasses, with `section.key=value` overrides.
 
+Every fact about a key lives on its field (`key(...)`): its doc, whether a resumed run may change
+it, and how to turn it when memory runs out. `python -m qlora.config` prints them all.
+
 Every problem (unknown key, wrong type, value out of range, impossible combination) is collected and
 reported at once as a UserError, before anything heavy is loaded.
 """
@@ -7,6 +10,8 @@ reported at once as a UserError, before anything heavy is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,120 +23,127 @@ import yaml
 from qlora.errors import UserError
 
 Precision = Literal["fp16", "bf16", "fp32"]
+_REQUIRED: Any = dataclasses.MISSING
+
+
+def key(default: Any = _REQUIRED, doc: str = "", *, resume_safe: bool = False,
+        lowers_peak: str | None = None) -> Any:
+    """A config field and its facts.
+
+    resume_safe: a resumed run may change it, because it changes neither which examples make an
+        optimizer step nor the gradient (beyond floating-point rounding): output and logging
+        settings, and the speed and memory levers.
+    lowers_peak: how to turn it to lower the memory peak (printed after an out-of-memory error).
+    """
+    return field(default=default, metadata={"doc": doc, "resume_safe": resume_safe, "lowers_peak": lowers_peak})
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str
-    """Hub id or local directory of the base model."""
-    arch: str | None = None
-    """Local directory whose config.json describes the architecture; random_init reads it so that no
-    download is needed. Defaults to `name`."""
-    tokenizer: str | None = None
-    """Hub id or local directory of the tokenizer. Defaults to `name`."""
-    random_init: bool = False
-    """Build random weights of the architecture at its real shape (cached on disk) and load them
-    through the same 4-bit path: offline runs, tests, memory audits."""
-    random_init_cache: str = ".cache/random_init"
-    trust_remote_code: bool = False
-    load_in_4bit: bool = True
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    gradient_checkpointing: bool = True
-    checkpoint_layers: int | None = None
-    """With checkpointing on, checkpoint only the first N decoder layers (None: all). A layer left
-    out keeps its activations and skips its recompute: spare memory bought back as speed."""
-    compile_layers: bool = False
-    """torch.compile each decoder layer (dynamic shapes): fuses the norms, rotary embedding, LoRA
-    scaling and MLP activation that otherwise run as dozens of separate memory-bound kernels. The
-    first step pays the compile (about a minute on a GPU)."""
-    upcast_non_quantized: bool = True
-    """Keep prepare_model_for_kbit_training's fp32 norms, embeddings and LM head (false: the
-    compute dtype, which halves the residual stream's memory)."""
-    attn_implementation: Literal["sdpa", "eager", "varlen"] = "sdpa"
-    """varlen: flash attention over each example's own tokens (qlora/attention.py); with packing it
-    skips the masked blocks SDPA computes. Training only (bf16/fp16 on a GPU); generation uses SDPA."""
-    cudnn_attention: bool = False
-    """Let SDPA pick cuDNN's attention kernel. Off: on an H200 it spent 12-32 ms of CPU per call
-    planning for each new sequence shape (most of a short step); flash / memory-efficient kernels
-    run instead."""
+    name: str = key(doc="Hub id or local directory of the base model.")
+    arch: str | None = key(None, "Local directory whose config.json gives the architecture: random_init and "
+                                 "the memory estimate read it, so nothing is downloaded. Default: name.")
+    tokenizer: str | None = key(None, "Hub id or local directory of the tokenizer. Default: name.")
+    random_init: bool = key(False, "Build random weights at the architecture's real shape (cached on disk) "
+                                   "and load them through the same 4-bit path: offline runs, tests, memory audits.")
+    random_init_cache: str = key(".cache/random_init", "Where random_init keeps its weights.", resume_safe=True)
+    trust_remote_code: bool = key(False, "Let transformers run model code shipped with the checkpoint.")
+    quant_type: Literal["nf4", "fp4"] = key("nf4", "4-bit data type of the frozen base weights.")
+    double_quant: bool = key(True, "Quantize the 4-bit blocks' scales too (8-bit instead of fp32 absmax).")
+    recompute_activations: bool = key(
+        True, "Gradient checkpointing: each decoder layer keeps only its input and recomputes its "
+              "activations in backward (about a third more compute, a fraction of the memory).",
+        resume_safe=True, lowers_peak="=true")
+    recompute_layers: int | None = key(
+        None, "With recompute_activations, recompute only the first N decoder layers (null: all). A layer "
+              "left out keeps its activations and skips the recompute: spare memory bought back as speed.",
+        resume_safe=True, lowers_peak="=null (every layer)")
+    compile_layers: bool = key(
+        False, "torch.compile each decoder layer (dynamic shapes): fuses the norms, rotary embedding, LoRA "
+               "scaling and activation that otherwise run as dozens of memory-bound kernels. The first "
+               "step pays the compile (about a minute on a GPU); a debugger cannot step into the layers.",
+        resume_safe=True)
+    upcast_non_quantized: bool = key(
+        True, "Keep prepare_model_for_kbit_training's fp32 norms, embeddings and LM head (false: the compute "
+              "dtype, which halves the residual stream's memory).", lowers_peak="=false")
+    attn_implementation: Literal["sdpa", "eager", "varlen"] = key(
+        "sdpa", "varlen: flash attention over each example's own tokens (qlora/attention.py); with packing "
+                "it skips the masked blocks SDPA computes. Training only (bf16/fp16 on a GPU; the CPU runs "
+                "one SDPA call per example); generation uses SDPA.", resume_safe=True)
+    cudnn_attention: bool = key(
+        False, "Let SDPA pick cuDNN's attention kernel. Off: on an H200 it spent 12-32 ms of CPU per call "
+               "planning for each new sequence shape.", resume_safe=True)
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    r: int = key(16, "Rank of each adapter pair (A: r x in, B: out x r).")
+    alpha: int = key(32, "Scaling numerator: the adapter's update is multiplied by alpha / r.")
+    dropout: float = key(0.05, "Dropout on the adapter's input.")
+    target_modules: tuple[str, ...] = key(("q_proj", "k_proj", "v_proj", "o_proj"),
+                                          "Linear layers that get adapters.")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str
-    """Path to a KorQuAD-layout JSON, a flat JSON/JSONL file, or a hub dataset id."""
-    split: str = "train"
-    """Split to read when `source` is a hub dataset."""
-    format: Literal["closed_book", "extractive"] = "extractive"
-    max_length: int = 512
-    """Tokens per example, prompt + answer + EOS. Only the context is ever cut to fit."""
-    limit: int | None = None
-    """Keep the first N examples after de-duplication and (optional) shuffling; None keeps all."""
-    shuffle: bool = False
-    """Shuffle (with train.seed) before taking `limit`."""
-    dedup_questions: bool = False
-    """Keep only the first example of each question text (the tutorial does this)."""
-    group_by_length: bool = True
-    """Batch examples of similar length together (shuffled buckets) so little compute pads."""
-    packing: bool = False
-    """Pack each optimizer step's examples into as few rows as fit; positions restart per example
-    and attention never crosses examples."""
-    pack_length: int | None = None
-    """Tokens per packed row, one row per micro-batch (default train.batch_size x max_length, the
-    tokens of one unpacked micro-batch). Pair packing with model.attn_implementation=varlen: SDPA
-    computes a packed row's block-diagonal attention densely, pack_length^2 per row."""
+    source: str = key(doc="A KorQuAD-layout JSON file, a flat JSON/JSONL file, or a hub dataset id.")
+    split: str = key("train", "Split to read when source is a hub dataset.")
+    format: Literal["closed_book", "extractive"] = key(
+        "extractive", "closed_book: the question alone (the tutorial); extractive: context + question.")
+    max_length: int = key(512, "Tokens per example, prompt + answer + EOS. Only the context is ever cut to fit.",
+                          lowers_peak=" lower")
+    limit: int | None = key(None, "Keep the first N examples after de-duplication and shuffling (null: all).")
+    shuffle: bool = key(False, "Shuffle (with train.seed) before taking limit.")
+    dedup_questions: bool = key(False, "Keep only the first example of each question text (the tutorial does).")
+    group_by_length: bool = key(True, "Batch examples of similar length together (shuffled buckets), so "
+                                      "little compute pads.")
+    packing: bool = key(False, "Pack each optimizer step's examples into as few rows as fit: positions restart "
+                               "per example and attention never crosses examples.", resume_safe=True)
+    pack_length: int | None = key(
+        None, "Tokens per packed row, one row per micro-batch (null: train.batch_size x max_length, the "
+              "tokens of one unpacked micro-batch). Pair packing with model.attn_implementation=varlen: SDPA "
+              "computes a packed row's block-diagonal attention densely.", resume_safe=True,
+        lowers_peak=" lower (with data.packing)")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    output_dir: str
-    seed: int = 42
-    batch_size: int = 4
-    grad_accum: int = 4
-    epochs: int = 1
-    max_steps: int | None = None
-    """Optimizer steps; when set it replaces `epochs` (the data order cycles over epochs)."""
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "adamw"] = "paged_adamw_8bit"
-    precision: Precision = "fp16"
-    device: str = "auto"
-    """"auto" (cuda when available), "cuda", "cuda:N" or "cpu"."""
-    supervised_logits_only: bool = True
-    """Compute the LM head only at positions that predict a supervised token."""
-    save_every: int = 0
-    """Save a resumable checkpoint every N optimizer steps (0: only at the end and on SIGINT/SIGTERM)."""
-    keep_last: int = 2
-    """How many checkpoints to keep."""
+    output_dir: str = key(doc="The run directory: config, metrics, checkpoints, final adapter.", resume_safe=True)
+    seed: int = key(42, "Seeds the adapters' initial weights, the data order and dropout.")
+    batch_size: int = key(4, "Examples per micro-batch.",
+                          lowers_peak=" lower (raise train.grad_accum to keep the examples per step)")
+    grad_accum: int = key(4, "Micro-batches per optimizer step.")
+    epochs: int = key(1, "Passes over the data (unless max_steps is set).")
+    max_steps: int | None = key(None, "Optimizer steps; when set it replaces epochs (the data order cycles).")
+    lr: float = key(2e-4, "Peak learning rate.")
+    weight_decay: float = key(0.0, "AdamW weight decay.")
+    warmup_ratio: float = key(0.03, "Share of the steps with linear warmup from 0; then a half cosine to 0.")
+    max_grad_norm: float = key(1.0, "Clip the adapters' gradient to this global norm.")
+    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "adamw"] = key(
+        "paged_adamw_8bit", "Paged: the 8-bit states live in CUDA unified memory, evicted to host RAM under "
+                            "pressure.", lowers_peak="=paged_adamw_8bit")
+    precision: Precision = key("fp16", "Autocast dtype of the compute; fp16 adds a GradScaler.")
+    device: str = key("auto", '"auto" (cuda when available), "cuda", "cuda:N" or "cpu".', resume_safe=True)
+    supervised_logits_only: bool = key(
+        True, "Run the LM head and the loss only at positions that predict a supervised token.",
+        resume_safe=True, lowers_peak="=true")
+    save_every: int = key(0, "Save a resumable checkpoint every N optimizer steps (0: only at the end and "
+                             "on SIGINT/SIGTERM).", resume_safe=True)
+    keep_last: int = key(2, "How many checkpoints to keep.", resume_safe=True)
+    progress_bar: bool = key(True, "Show the tqdm progress bar (metrics.jsonl is written either way).",
+                             resume_safe=True)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    source: str | None = None
-    """Questions to answer and score (KorQuAD layout file or hub id); None: data.source."""
-    split: str = "validation"
-    batch_size: int = 16
-    max_new_tokens: int = 32
-    """Generated tokens per answer; the prompt keeps data.max_length minus this."""
-    quantized: bool = True
-    """Load the base in 4-bit as in training; false: plain weights in train.precision."""
-
-
-@dataclass(frozen=True)
-class LogConfig:
-    progress: bool = True
-    """Show the tqdm bar."""
+    source: str | None = key(None, "Questions to answer and score (KorQuAD-layout file or hub id); null: "
+                                   "data.source.", resume_safe=True)
+    split: str = key("validation", "Split to read when eval.source is a hub dataset.", resume_safe=True)
+    batch_size: int = key(16, "Questions generated together.", resume_safe=True)
+    max_new_tokens: int = key(32, "Generated tokens per answer; the prompt keeps data.max_length minus this.",
+                              resume_safe=True)
+    quantized: bool = key(True, "Load the base in 4-bit as in training; false: plain train.precision weights.",
+                          resume_safe=True)
 
 
 @dataclass(frozen=True)
@@ -141,10 +153,48 @@ class Config:
     train: TrainConfig
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
+
+
+# Keys of earlier versions, so an old config gets a pointer instead of a bare "unknown key".
+RENAMED = {"model.gradient_checkpointing": "renamed to model.recompute_activations",
+           "model.checkpoint_layers": "renamed to model.recompute_layers",
+           "log.progress": "renamed to train.progress_bar",
+           "model.load_in_4bit": "removed: training always loads 4-bit (eval.quantized=false evaluates "
+                                 "plain weights)"}
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def key_fields() -> dict[str, dataclasses.Field]:
+    """Every key as "section.name" -> its dataclass field (metadata: doc, resume_safe, lowers_peak)."""
+    return {f"{section}.{f.name}": f for section, cls in _sections().items() for f in dataclasses.fields(cls)}
+
+
+def resume_safe_keys() -> set[str]:
+    return {name for name, f in key_fields().items() if f.metadata["resume_safe"]}
+
+
+def peak_lowering_hints() -> str:
+    """The keys that lower the memory peak and which way to turn them, as one line."""
+    return ", ".join(name + f.metadata["lowers_peak"] for name, f in key_fields().items() if f.metadata["lowers_peak"])
+
+
+def describe_keys() -> str:
+    """Every key with its type, default and facts: what `python -m qlora.config` prints."""
+    lines = []
+    for name, f in key_fields().items():
+        default = "(required)" if f.default is _REQUIRED else yaml.safe_dump(_plain(f.default), default_flow_style=True).strip().removesuffix("...").strip()
+        flags = [flag for flag, on in (("may change on resume", f.metadata["resume_safe"]),
+                                       (f"lowers the peak: {name}{f.metadata['lowers_peak']}", f.metadata["lowers_peak"]))
+                 if on]
+        lines.append(f"{name}: {default}" + (f"  [{'; '.join(flags)}]" if flags else ""))
+        lines.append(f"    {f.metadata['doc']}")
+    return "\n".join(lines)
 
 
 def _plain(value: Any) -> Any:
@@ -170,8 +220,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text") from None
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"config file {path} is not valid YAML{where}: "
+                        f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must hold a mapping of sections")
     return raw
@@ -179,29 +234,34 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
     """`train.lr=1e-4` -> raw["train"]["lr"] = 1e-4 (the value is parsed as YAML)."""
-    key, sep, value = item.partition("=")
-    parts = key.split(".")
+    name, sep, value = item.partition("=")
+    parts = name.split(".")
     if not sep or len(parts) != 2 or not all(parts):
         raise UserError(f"override {item!r} must look like section.key=value")
-    section, name = parts
+    section, field_name = parts
     if section in raw and not isinstance(raw[section], dict):
         raise UserError(f"config section {section!r} must be a mapping")
-    raw.setdefault(section, {})[name] = yaml.safe_load(value) if value != "" else None
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        raise UserError(f"override {item!r}: the value is not valid YAML") from None
+    raw.setdefault(section, {})[field_name] = parsed
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     problems: list[str] = []
     sections: dict[str, Any] = {}
-    for f in dataclasses.fields(Config):
-        cls = typing.get_type_hints(Config)[f.name]
-        values = raw.get(f.name, {}) or {}
+    for name, cls in _sections().items():
+        values = raw.get(name, {}) or {}
         if not isinstance(values, dict):
-            problems.append(f"{f.name}: must be a mapping of keys")
+            problems.append(f"{name}: must be a mapping of keys")
             continue
-        sections[f.name] = _build_section(f.name, cls, values, problems)
-    allowed = [f.name for f in dataclasses.fields(Config)]
-    problems.extend(f"{name}: unknown section (allowed: {', '.join(allowed)})"
-                    for name in raw if name not in allowed)
+        sections[name] = _build_section(name, cls, values, problems)
+    for name in raw:
+        if name not in sections:
+            moved = [f"{name}.{k}: {RENAMED[f'{name}.{k}']}" for k in raw[name] or {} if f"{name}.{k}" in RENAMED]
+            problems.append("; ".join(moved) if moved else
+                            f"{name}: unknown section (allowed: {', '.join(_sections())})")
     if not problems:
         cfg = Config(**sections)
         problems.extend(check_values(cfg))
@@ -215,17 +275,17 @@ def _build_section(section: str, cls: type, values: dict[str, Any], problems: li
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     before = len(problems)
-    for key, value in values.items():
-        if key not in hints:
-            problems.append(f"{section}.{key}: unknown key (allowed: {', '.join(names)})")
+    for name, value in values.items():
+        if name not in hints:
+            problems.append(f"{section}.{name}: " + RENAMED.get(f"{section}.{name}",
+                                                                 f"unknown key (allowed: {', '.join(names)})"))
             continue
         try:
-            kwargs[key] = _coerce(value, hints[key])
+            kwargs[name] = _coerce(value, hints[name])
         except ValueError as e:
-            problems.append(f"{section}.{key}: {e}")
+            problems.append(f"{section}.{name}: {e}")
     missing = [f.name for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-               and f.name not in kwargs]
+               if f.default is _REQUIRED and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
     problems.extend(f"{section}.{name}: required" for name in missing)
     return None if len(problems) > before else cls(**kwargs)
 
@@ -247,27 +307,37 @@ def _coerce(value: Any, hint: Any) -> Any:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise ValueError(f"expected a list, got {value!r}")
         return tuple(_coerce(v, args[0]) for v in value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "2e-4" as a string
-            return float(value)
-        except ValueError:
-            pass
+    if hint is float:
+        return _finite_float(value)
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         raise ValueError(f"expected {hint.__name__}, got {value!r}")
     return value
 
 
+def _finite_float(value: Any) -> float:
+    """ints are floats too; YAML 1.1 reads "2e-4" as a string; inf and nan are never meant."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected float, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value!r}")
+    return float(value)
+
+
 def check_values(cfg: Config) -> list[str]:
     """Ranges and combinations that types alone cannot express."""
-    t, d, lo = cfg.train, cfg.data, cfg.lora
+    t, d, lo, m = cfg.train, cfg.data, cfg.lora, cfg.model
     checks = [
         (t.batch_size >= 1, "train.batch_size: must be >= 1"),
         (t.grad_accum >= 1, "train.grad_accum: must be >= 1"),
         (t.epochs >= 1, "train.epochs: must be >= 1"),
         (t.max_steps is None or t.max_steps >= 1, "train.max_steps: must be >= 1 or null"),
         (t.lr > 0, "train.lr: must be > 0"),
+        (t.weight_decay >= 0, "train.weight_decay: must be >= 0"),
         (0 <= t.warmup_ratio < 1, "train.warmup_ratio: must be in [0, 1) (warmup cannot be as long as training)"),
         (t.max_grad_norm > 0, "train.max_grad_norm: must be > 0"),
         (t.save_every >= 0, "train.save_every: must be >= 0"),
@@ -275,9 +345,8 @@ def check_values(cfg: Config) -> list[str]:
         (t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
          f"train.device: {t.device!r} is not allowed (allowed: auto, cpu, cuda, cuda:N)"),
         (d.max_length >= 16, "data.max_length: must be >= 16"),
-        (cfg.model.checkpoint_layers is None or cfg.model.checkpoint_layers >= 0,
-         "model.checkpoint_layers: must be >= 0 or null"),
-        (cfg.model.attn_implementation != "varlen" or t.precision != "fp32" or t.device == "cpu",
+        (m.recompute_layers is None or m.recompute_layers >= 0, "model.recompute_layers: must be >= 0 or null"),
+        (m.attn_implementation != "varlen" or t.precision != "fp32" or t.device == "cpu",
          "model.attn_implementation=varlen: flash attention needs train.precision bf16 or fp16 on a GPU"),
         (cfg.eval.batch_size >= 1, "eval.batch_size: must be >= 1"),
         (1 <= cfg.eval.max_new_tokens < d.max_length, "eval.max_new_tokens: must be in [1, data.max_length)"),
@@ -290,3 +359,8 @@ def check_values(cfg: Config) -> list[str]:
         (len(lo.target_modules) > 0, "lora.target_modules: must name at least one module"),
     ]
     return [message for ok, message in checks if not ok]
+
+
+if __name__ == "__main__":
+    print(describe_keys())
+    sys.exit(0)

@@ -75,10 +75,13 @@ def load_examples(source: str, split: str = "train") -> list[Example]:
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
     """Flat records (id, question, context, answers) from either file layout."""
-    text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"data file {path} is not UTF-8 text (a JSON or JSONL file was expected)") from None
+    if path.suffix == ".jsonl":
+        return [_json_line(line, number, path) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"data file {path} is not valid JSON: {e}") from None
@@ -87,6 +90,13 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     if not isinstance(raw, dict) or not isinstance(raw.get("data"), list):
         raise UserError(f"data file {path}: expected KorQuAD's {{'data': [...]}} layout or a list of records")
     return _flatten_official(raw["data"], path)
+
+
+def _json_line(line: str, number: int, path: Path) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"data file {path}, line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
 def _flatten_official(articles: list[Any], path: Path) -> list[dict[str, Any]]:

@@ -1,18 +1,21 @@
-"""The training step, written out.
+"""The training loop, written out.
 
-    for each micro-batch of the window:   autocast -> forward -> summed token loss / window tokens
-                                          -> scaled backward
-    at the accumulation boundary:         unscale -> clip -> step (skipped on inf/nan) -> scaler
-                                          update -> scheduler -> zero grads
+    train_step = accumulate_gradients + optimizer_step, one optimizer step:
+      accumulate_gradients, for each micro-batch of the window:
+                              autocast -> forward -> summed token loss / window tokens -> scaled backward
+      optimizer_step, at the accumulation boundary:
+                              unscale -> clip -> step (skipped on inf/nan) -> scaler update -> scheduler
+                              -> zero grads
+    fit: train_step for each step, with metrics, progress bar, checkpoints and stop signals.
 
-`train_step` and `optimizer_step` are separate so a debugger can stop between them with the
-accumulated gradients in hand; `fit` strings them together with logging.
+`--break-at STEP:PHASE` stops inside `train_step` through `breakpoint()` (see `StepSettings`).
 """
 
 from __future__ import annotations
 
 import math
 import signal
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +27,16 @@ from tqdm import tqdm
 
 from qlora.attention import VARLEN, sequence_bounds
 from qlora.batching import DataOrder
-from qlora.checkpoint import save_checkpoint
-from qlora.config import Config
+from qlora.checkpoint import Start, save_checkpoint
+from qlora.config import Config, peak_lowering_hints
 from qlora.data import IGNORE
+from qlora.debug import BreakAt, Phase
 from qlora.errors import UserError
 from qlora.logs import MetricsLog
 from qlora.memory import (MemoryMeter, dump_history, format_breakdown, memory_line, start_history,
                           startup_breakdown, step_peak_gib, write_breakdown)
 from qlora.model import DTYPES
+from qlora.optim import TrainingState
 
 
 class Diverged(UserError):
@@ -44,10 +49,16 @@ class OutOfMemory(UserError):
     exit_code = 3
 
 
-OOM_KNOBS = ("to lower the peak: train.batch_size (raise train.grad_accum to keep the effective "
-             "batch), data.max_length, model.gradient_checkpointing=true, "
-             "model.upcast_non_quantized=false, train.supervised_logits_only=true, "
-             "train.optimizer=paged_adamw_8bit")
+@dataclass(frozen=True)
+class StepSettings:
+    precision: str
+    max_grad_norm: float
+    supervised_logits_only: bool
+    break_at: BreakAt | None = None
+    """Where train_step calls breakpoint() (qlora/debug.py)."""
+
+    def stops_at(self, step: int, phase: Phase) -> bool:
+        return self.break_at == BreakAt(step, phase)
 
 
 def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: str,
@@ -77,9 +88,9 @@ def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], pre
                            ignore_index=IGNORE, reduction="sum")
 
 
-def train_step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
-               scaler: torch.amp.GradScaler, precision: str, device: torch.device,
-               supervised_logits_only: bool, meter: MemoryMeter) -> torch.Tensor:
+def accumulate_gradients(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
+                         scaler: torch.amp.GradScaler, precision: str, device: torch.device,
+                         supervised_logits_only: bool, meter: MemoryMeter) -> torch.Tensor:
     """Forward and backward over one accumulation window; returns the window's mean token loss
     (a device tensor: reading it is a sync point, left to the caller).
 
@@ -97,40 +108,67 @@ def train_step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
     return total
 
 
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                   max_grad_norm: float) -> tuple[float, bool]:
+def optimizer_step(model: torch.nn.Module, state: TrainingState, max_grad_norm: float) -> tuple[float, bool]:
     """Unscale -> clip -> step -> update -> schedule -> zero. Returns (grad norm before clipping,
     whether GradScaler skipped the step because a gradient was inf/nan)."""
-    scaler.unscale_(optimizer)  # grads back to true scale, so clipping sees real norms
+    scaler = state.scaler
+    scaler.unscale_(state.optimizer)  # grads back to true scale, so clipping sees real norms
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))  # sync point
     scale_before = scaler.get_scale()
-    scaler.step(optimizer)  # no-op when unscale_ found inf/nan
+    scaler.step(state.optimizer)  # no-op when unscale_ found inf/nan
     scaler.update()  # halves the scale after a skip, grows it after enough good steps
     skipped = scaler.is_enabled() and scaler.get_scale() < scale_before
-    scheduler.step()  # also after a skip: the schedule follows optimizer steps taken or skipped
-    optimizer.zero_grad(set_to_none=True)  # frees gradient memory until the next backward
+    state.scheduler.step()  # also after a skip: the schedule follows optimizer steps taken or skipped
+    state.optimizer.zero_grad(set_to_none=True)  # frees gradient memory until the next backward
     return grad_norm, skipped
 
 
 @dataclass(frozen=True)
-class FitSettings:
-    precision: str
-    max_grad_norm: float
-    supervised_logits_only: bool
-    progress: bool
-    memory_snapshot_steps: int = 0
-    """Record every allocation for this many steps and dump memory_snapshot.pickle."""
+class StepResult:
+    loss: float
+    """Mean loss per supervised token of the window."""
+    grad_norm: float
+    skipped: bool
+
+
+def train_step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], state: TrainingState,
+               settings: StepSettings, device: torch.device, meter: MemoryMeter, step: int) -> StepResult:
+    """Optimizer step `step` (1-based) over its micro-batches. In scope at each breakpoint():
+    model, batches, state (optimizer, scheduler, scaler), settings, device, meter; see the README."""
+    if settings.stops_at(step, "window"):
+        breakpoint()  # --break-at STEP:window
+    loss_t = accumulate_gradients(model, batches, state.scaler, settings.precision, device,
+                                  settings.supervised_logits_only, meter)
+    if settings.stops_at(step, "optimizer"):
+        breakpoint()  # --break-at STEP:optimizer
+    with meter.phase("optimizer"):
+        grad_norm, skipped = optimizer_step(model, state, settings.max_grad_norm)
+    loss = float(loss_t)  # sync point: once per optimizer step
+    if not skipped and not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise Diverged(f"step {step}: loss {loss} / grad norm {grad_norm} is not finite and no "
+                       f"GradScaler skipped it; stopping without saving a checkpoint")
+    if settings.stops_at(step, "end"):
+        breakpoint()  # --break-at STEP:end
+    return StepResult(loss=loss, grad_norm=grad_norm, skipped=skipped)
 
 
 @dataclass(frozen=True)
-class CheckpointPlan:
+class SavePlan:
+    """Where and when training state is saved (checkpoints/step-N)."""
     run_dir: Path
     every: int
     keep_last: int
     config: Config
     data_fingerprint: str
+
+
+@dataclass(frozen=True)
+class Watch:
+    """What fit shows and records besides the metrics lines."""
+    progress_bar: bool
+    memory_snapshot_steps: int = 0
+    """Record every allocation for this many steps and dump memory_snapshot.pickle (CUDA only)."""
 
 
 class StopSignal:
@@ -158,53 +196,65 @@ class StopSignal:
 class FitResult:
     step: int
     """Optimizer steps done."""
+    steps_run: int
+    """Steps run by this process (fewer than `step` after a resume)."""
+    seconds: float
+    """Wall time of the steps this process ran."""
+    median_tokens_per_s: float | None
     checkpoint: Path | None
     """The last checkpoint written."""
     interrupted: str | None
     """The signal that stopped the run early, if any."""
     peak_gib: float | None
     """Largest per-phase peak allocated over the steps run (CUDA only)."""
+    peak_reserved_gib: float | None
+    """Largest reserved memory over the steps run (CUDA only)."""
+    peak_rss_gib: float
+    """The process's peak resident memory."""
 
 
-def fit(model: torch.nn.Module, order: DataOrder, optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-        settings: FitSettings, device: torch.device, total_steps: int, metrics: MetricsLog,
-        plan: CheckpointPlan, start_step: int = 0, progress: dict[str, Any] | None = None) -> FitResult:
-    """Optimizer steps start_step .. total_steps-1, one metrics line each; checkpoints every
-    `plan.every` steps, at the end, and when a stop signal arrives."""
-    progress = dict(progress or {"skipped_total": 0, "elapsed_s": 0.0})
+def fit(model: torch.nn.Module, order: DataOrder, state: TrainingState, settings: StepSettings,
+        device: torch.device, total_steps: int, metrics: MetricsLog, saving: SavePlan, start: Start,
+        watch: Watch) -> FitResult:
+    """Optimizer steps start.step+1 .. total_steps, one metrics line each; checkpoints every
+    `saving.every` steps, at the end, and when a stop signal arrives."""
+    totals = dict(start.totals)
     meter = MemoryMeter(device)
-    checkpoint, peak = None, None
-    recording = start_history(settings.memory_snapshot_steps, device)
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
-               disable=not settings.progress, unit="step")
+    checkpoint, speeds, peak, reserved = None, [], None, None
+    recording = start_history(watch.memory_snapshot_steps, device)
+    bar = tqdm(range(start.step + 1, total_steps + 1), initial=start.step, total=total_steps,
+               disable=not watch.progress_bar, unit="step")
+    began = time.perf_counter()
     with StopSignal() as stop:
         for step in bar:
             try:
-                record = run_step(model, order, optimizer, scheduler, scaler, settings, device, step,
-                                  progress, meter)
+                record = timed_step(model, order, state, settings, device, step, totals, meter)
             except torch.OutOfMemoryError:
-                raise OutOfMemory(oom_report(step + 1, device)) from None
+                raise OutOfMemory(oom_report(step, device)) from None
             metrics.write(record)
+            speeds.append(record["tokens_per_s"])
             step_peak = step_peak_gib(record["mem"])
             peak = max(filter(None, (peak, step_peak)), default=None)
+            reserved = max(filter(None, (reserved, record["mem"]["peak_reserved_gib"])), default=None)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                             tok_s=f"{record['tokens_per_s']:.0f}", **peak_postfix(record, step_peak))
-            done = step + 1
-            if step == start_step:  # optimizer states exist only after the first step
-                breakdown = startup_breakdown(model, optimizer, device)
+            if step == start.step + 1:  # optimizer states exist only after the first step
+                breakdown = startup_breakdown(model, state.optimizer, device)
                 tqdm.write(format_breakdown(breakdown))
-                write_breakdown(breakdown, plan.run_dir)
-            if recording and done - start_step == settings.memory_snapshot_steps:
-                dump_history(plan.run_dir / "memory_snapshot.pickle")
+                write_breakdown(breakdown, saving.run_dir)
+            if recording and step - start.step == watch.memory_snapshot_steps:
+                dump_history(saving.run_dir / "memory_snapshot.pickle")
                 recording = False
-            if (plan.every and done % plan.every == 0) or done == total_steps or stop.received:
-                check_adapter_finite(model, done)  # never write non-finite weights
-                checkpoint = save_checkpoint(plan.run_dir, done, model, optimizer, scheduler, scaler,
-                                             plan.config, plan.data_fingerprint, progress, plan.keep_last)
-            if stop.received:
-                return FitResult(step=done, checkpoint=checkpoint, interrupted=stop.received, peak_gib=peak)
-    return FitResult(step=total_steps, checkpoint=checkpoint, interrupted=None, peak_gib=peak)
+            if (saving.every and step % saving.every == 0) or step == total_steps or stop.received:
+                check_adapter_finite(model, step)  # never write non-finite weights
+                checkpoint = save_checkpoint(saving.run_dir, step, model, state, saving.config,
+                                             saving.data_fingerprint, totals, saving.keep_last)
+            if stop.received or step == total_steps:
+                return FitResult(step=step, steps_run=len(speeds), seconds=time.perf_counter() - began,
+                                 median_tokens_per_s=statistics.median(speeds), checkpoint=checkpoint,
+                                 interrupted=stop.received, peak_gib=peak, peak_reserved_gib=reserved,
+                                 peak_rss_gib=record["mem"]["peak_rss_gib"])
+    raise AssertionError("unreachable: fit returns at the last step")
 
 
 def peak_postfix(record: dict[str, Any], peak: float | None) -> dict[str, str]:
@@ -212,38 +262,28 @@ def peak_postfix(record: dict[str, Any], peak: float | None) -> dict[str, str]:
 
 
 def oom_report(step: int, device: torch.device) -> str:
-    """What a user needs after an OOM: where memory stood, and which knobs lower the peak."""
-    if device.type != "cuda":
-        return f"out of memory in step {step}: {memory_line(device)}; {OOM_KNOBS}"
-    return (f"CUDA out of memory in step {step}: {memory_line(device)}; "
-            f"checkpoints already written are intact; {OOM_KNOBS}")
+    """What a user needs after an OOM: where memory stood, and which keys lower the peak."""
+    where = "CUDA out of memory" if device.type == "cuda" else "out of memory"
+    return (f"{where} in step {step}: {memory_line(device)}; checkpoints already written are intact; "
+            f"to lower the peak: {peak_lowering_hints()}")
 
 
-def run_step(model: torch.nn.Module, order: DataOrder, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-             settings: FitSettings, device: torch.device, step: int,
-             progress: dict[str, Any], meter: MemoryMeter) -> dict[str, Any]:
-    """One optimizer step (0-based `step`) and its metrics line; updates `progress` in place."""
+def timed_step(model: torch.nn.Module, order: DataOrder, state: TrainingState, settings: StepSettings,
+               device: torch.device, step: int, totals: dict[str, Any], meter: MemoryMeter) -> dict[str, Any]:
+    """One optimizer step (1-based `step`) and its metrics line; updates `totals` in place."""
     t0 = time.perf_counter()
-    epoch, batches = order.batches(step)
-    lr = scheduler.get_last_lr()[0]
-    loss_t = train_step(model, batches, scaler, settings.precision, device, settings.supervised_logits_only,
-                        meter)
-    with meter.phase("optimizer"):
-        grad_norm, skipped = optimizer_step(model, optimizer, scheduler, scaler, settings.max_grad_norm)
-    loss = float(loss_t)  # sync point: once per optimizer step
-    if not skipped and not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise Diverged(f"step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite and no "
-                       f"GradScaler skipped it; stopping without saving")
+    epoch, batches = order.batches(step - 1)
+    lr = state.scheduler.get_last_lr()[0]
+    result = train_step(model, batches, state, settings, device, meter, step)
     seconds = time.perf_counter() - t0
-    progress["skipped_total"] += skipped
-    progress["elapsed_s"] += seconds
+    totals["skipped_total"] += result.skipped
+    totals["elapsed_s"] += seconds
     tokens = sum(b["n_tokens"] for b in batches)
-    return {"step": step + 1, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-            "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
-            "skipped": skipped, "skipped_total": progress["skipped_total"], "tokens": tokens,
+    return {"step": step, "epoch": epoch, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+            "loss_scale": state.scaler.get_scale() if state.scaler.is_enabled() else None,
+            "skipped": result.skipped, "skipped_total": totals["skipped_total"], "tokens": tokens,
             "supervised_tokens": sum(b["n_supervised"] for b in batches),
-            "tokens_per_s": tokens / seconds, "step_s": seconds, "elapsed_s": progress["elapsed_s"],
+            "tokens_per_s": tokens / seconds, "step_s": seconds, "elapsed_s": totals["elapsed_s"],
             "mem": meter.step_record()}
 
 
@@ -251,4 +291,4 @@ def check_adapter_finite(model: torch.nn.Module, step: int) -> None:
     """A sync point, run only before saving."""
     for name, p in model.named_parameters():
         if p.requires_grad and not bool(torch.isfinite(p).all()):
-            raise Diverged(f"step {step}: adapter weight {name} is not finite; stopping without saving")
+            raise Diverged(f"step {step}: adapter weight {name} is not finite; stopping without saving a checkpoint")

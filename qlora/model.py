@@ -1,6 +1,7 @@
-"""The model phase: BitsAndBytesConfig -> from_pretrained (4-bit NF4) -> gradient checkpointing ->
-prepare_model_for_kbit_training -> LoRA adapters (fp32) via peft. Also random_init: a random model
-of the named architecture at its real shape, for offline runs and memory audits."""
+"""The model phase: BitsAndBytesConfig -> from_pretrained (4-bit NF4) -> prepare_model_for_kbit_training
+(with activation recompute, a.k.a. gradient checkpointing) -> LoRA adapters (fp32) via peft -> the
+speed and memory levers. Also random_init: a random model of the named architecture at its real
+shape, for offline runs and memory audits."""
 
 from __future__ import annotations
 
@@ -49,17 +50,16 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 
 def load_base_model(cfg: ModelConfig, precision: str, device: torch.device, seed: int,
                     quantized: bool = True) -> Any:
-    """from_pretrained with the 4-bit NF4 BitsAndBytesConfig (or plain `precision` weights when
-    not `quantized` or the config says load_in_4bit: false). The model is in eval mode."""
+    """from_pretrained with the 4-bit NF4 BitsAndBytesConfig (plain `precision` weights when not
+    `quantized`: evaluation with eval.quantized=false, merging). The model is in eval mode."""
     compute_dtype = DTYPES[precision]
     if cfg.attn_implementation == VARLEN:
         register_varlen()
-    # process-wide switch: every SDPA call after this one follows it
-    torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)
-    path = random_init_checkpoint(cfg, seed, device) if cfg.random_init else cfg.name
+    torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)  # process-wide: every later SDPA call
+    path = random_init_weights(cfg, seed, device) if cfg.random_init else cfg.name
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
                                bnb_4bit_use_double_quant=cfg.double_quant,
-                               bnb_4bit_compute_dtype=compute_dtype) if cfg.load_in_4bit and quantized else None
+                               bnb_4bit_compute_dtype=compute_dtype) if quantized else None
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, quantization_config=quant, dtype=compute_dtype, device_map={"": device},
@@ -72,14 +72,10 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torc
                 seed: int) -> PeftModel:
     model = load_base_model(cfg, precision, device, seed)
     # Casts the small non-quantized weights (norms, embeddings, head) to fp32 and turns on
-    # checkpointing; non-reentrant checkpointing replays dropout with the saved RNG state.
+    # recompute; non-reentrant recompute replays dropout with the saved RNG state.
     model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+        model, use_gradient_checkpointing=cfg.recompute_activations,
         gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.gradient_checkpointing and cfg.checkpoint_layers is not None:
-        checkpoint_first_layers(model, cfg.checkpoint_layers)
-    if not cfg.upcast_non_quantized:
-        cast_frozen_fp32(model, DTYPES[precision])
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                               target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same adapter at step 0
@@ -88,34 +84,55 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torc
         if p.requires_grad and p.dtype != torch.float32:
             # GradScaler refuses to unscale fp16 gradients, and bf16 adapters lose small updates.
             p.data = p.data.float()
-    if cfg.compile_layers:
-        compile_decoder_layers(model)
-    # from_pretrained leaves the model in eval mode: without this, checkpointing and dropout are off.
+    apply_levers(model, cfg, precision)
+    # from_pretrained leaves the model in eval mode: without this, recompute and dropout are off.
     model.train()
     return model
 
 
+def apply_levers(model: PeftModel, cfg: ModelConfig, precision: str) -> None:
+    """The config's speed and memory levers on a built model: attention kernel, which layers
+    recompute, compute-dtype norms, compiled layers. build_model calls it once; bench/compare_trl.py
+    calls it again on one loaded model as it turns the levers on one after another. Compute-dtype
+    norms and compiled layers are one-way."""
+    torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)  # process-wide: every later SDPA call
+    if cfg.attn_implementation == VARLEN:
+        register_varlen()
+    model.get_base_model().set_attn_implementation(cfg.attn_implementation)
+    if cfg.recompute_activations:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        recompute_first_layers(model, cfg.recompute_layers)
+    else:
+        model.gradient_checkpointing_disable()
+    if not cfg.upcast_non_quantized:
+        cast_frozen_fp32(model, DTYPES[precision])
+    if cfg.compile_layers:
+        compile_decoder_layers(model)
+
+
 def compile_decoder_layers(model: torch.nn.Module) -> None:
-    """Compile each decoder layer in place, LoRA included. Checkpointing stays outside the compiled
-    code (GradientCheckpointingLayer.__call__ wraps the compiled call), so the recompute replays it."""
+    """Compile each decoder layer in place, LoRA included (once: a compiled layer is left as it is).
+    Recompute stays outside the compiled code (GradientCheckpointingLayer.__call__ wraps the
+    compiled call), so the recompute replays it."""
     for layer in decoder_layers(model):
-        layer.compile(dynamic=True)
+        if layer._compiled_call_impl is None:
+            layer.compile(dynamic=True)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[GradientCheckpointingLayer]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def checkpoint_first_layers(model: torch.nn.Module, n: int) -> None:
-    """Checkpoint only the first n decoder layers: the others keep their activations and skip the
-    recompute (spare memory bought back as speed)."""
+def recompute_first_layers(model: torch.nn.Module, n: int | None) -> None:
+    """Recompute only the first n decoder layers (None: all): the others keep their activations and
+    skip the recompute (spare memory bought back as speed)."""
     for i, layer in enumerate(decoder_layers(model)):
-        layer.gradient_checkpointing = i < n
+        layer.gradient_checkpointing = n is None or i < n
 
 
 def cast_frozen_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Undo prepare_model_for_kbit_training's fp32 upcast of the frozen norms, embeddings and head:
-    fp32 norm weights promote the whole residual stream to fp32, doubling what each checkpointed
+    fp32 norm weights promote the whole residual stream to fp32, doubling what each recomputed
     layer keeps and adding casts. Trainable (LoRA) weights stay fp32."""
     for p in model.parameters():
         if p.dtype == torch.float32 and not p.requires_grad:
@@ -161,7 +178,7 @@ def read_architecture(cfg: ModelConfig) -> Any:
         raise UserError(f"cannot read the architecture of {arch!r}: {str(e).splitlines()[0]}") from None
 
 
-def random_init_checkpoint(cfg: ModelConfig, seed: int, device: torch.device) -> Path:
+def random_init_weights(cfg: ModelConfig, seed: int, device: torch.device) -> Path:
     """Write (once) a random model of the architecture in `cfg.arch or cfg.name` and return its
     directory. The cache key covers the architecture and the seed."""
     config = read_architecture(cfg)

@@ -44,6 +44,7 @@ def render(run_dir: Path, out: Path) -> Path:
     bottom.set_xlabel("optimizer step")
     bottom.legend(loc="lower right")
     fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

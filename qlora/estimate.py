@@ -1,0 +1,115 @@
+"""The memory estimate: the peak allocated bytes of one training step, predicted from config.json
+and the config before anything loads (`train.py --estimate-memory`). qlora/memory.py measures;
+this module predicts, and bench/memory.py compares the two on the GPU."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from qlora.batching import pack_length
+from qlora.config import Config
+from qlora.memory import size
+
+# Logit positions kept by train.supervised_logits_only, as a share of a row's width: a position is
+# kept when it predicts an answer token in *some* row of the batch, so the union over a batch of 4
+# KorQuAD rows (about 1% of each row's positions) comes to about 2-4%; 2% held on the measured runs.
+SUPERVISED_POSITIONS = 0.02
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs of the model, read from its config.json."""
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+
+
+def shape_of(hf_config: Any) -> Shape:
+    return Shape(vocab=hf_config.vocab_size, hidden=hf_config.hidden_size,
+                 intermediate=hf_config.intermediate_size, layers=hf_config.num_hidden_layers,
+                 heads=hf_config.num_attention_heads,
+                 kv_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads)
+
+
+MODULE_DIMS = {  # (in, out) of each linear layer of a Llama block, as functions of the shape
+    "q_proj": lambda s: (s.hidden, s.hidden),
+    "k_proj": lambda s: (s.hidden, s.hidden * s.kv_heads // s.heads),
+    "v_proj": lambda s: (s.hidden, s.hidden * s.kv_heads // s.heads),
+    "o_proj": lambda s: (s.hidden, s.hidden),
+    "gate_proj": lambda s: (s.hidden, s.intermediate),
+    "up_proj": lambda s: (s.hidden, s.intermediate),
+    "down_proj": lambda s: (s.intermediate, s.hidden),
+}
+
+
+def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: tuple[str, ...],
+                  lora_dropout: bool, optimizer: str, recompute: bool, double_quant: bool,
+                  logits_everywhere: bool, compute_bytes: int = 2,
+                  recompute_layers: int | None = None) -> dict[str, int]:
+    """Predicted peak allocated bytes of one training step, by component.
+
+    - quantized weights: 4 bits per weight + one absmax per 64 weights (8-bit with double
+      quantization, fp32 without);
+    - embeddings, LM head and norms: fp32 (prepare_model_for_kbit_training upcasts them);
+    - LoRA: fp32 weights + fp32 gradients; optimizer: 2 states of 1 byte (8-bit, + an fp32 absmax
+      per 256) or 4 bytes (torch AdamW);
+    - activations: the residual stream is fp32 (fp32 norm weights promote it). One layer saves its
+      matmul inputs, attention and MLP intermediates in the compute dtype, its fp32 norm outputs,
+      and, with LoRA dropout, an fp32 dropped copy and a mask of the input of each adapted module.
+      With recompute every recomputed layer keeps only its fp32 input (the others all their saved
+      tensors), and the layer being recomputed adds its saved tensors plus about half again for
+      their gradients (fitted on Llama-2-7B, H200); without, every layer keeps its saved tensors;
+    - logits: fp32 [batch, positions, vocab] plus its gradient, at every position or only at the
+      SUPERVISED_POSITIONS share.
+    """
+    per_layer = [MODULE_DIMS[m](shape) for m in MODULE_DIMS]
+    linear_params = shape.layers * sum(i * o for i, o in per_layer)
+    absmax = 1 + 4 / 256 if double_quant else 4
+    quantized = linear_params * 0.5 + linear_params / 64 * absmax
+    fp32_rest = (2 * shape.vocab * shape.hidden + (2 * shape.layers + 1) * shape.hidden) * 4
+    lora_params = shape.layers * sum(lora_r * sum(MODULE_DIMS[t](shape)) for t in targets)
+    state_bytes = 2 * (1 + 4 / 256) if optimizer in ("paged_adamw_8bit", "adamw_8bit") else 8
+    tokens = batch * seq
+    kv = shape.hidden * shape.kv_heads // shape.heads
+    dropout_copies = sum(MODULE_DIMS[t](shape)[0] for t in targets) * (4 + 1) if lora_dropout else 0
+    layer_saved = tokens * (compute_bytes * (4 * shape.hidden + 2 * kv + 3 * shape.intermediate)
+                            + 4 * 3 * shape.hidden + dropout_copies)
+    residual = tokens * shape.hidden * 4
+    if recompute:
+        kept = shape.layers if recompute_layers is None else min(recompute_layers, shape.layers)
+        activations = kept * residual + (shape.layers - kept) * layer_saved + 1.5 * layer_saved
+    else:
+        activations = shape.layers * layer_saved + residual
+    positions = seq if logits_everywhere else max(1, math.ceil(seq * SUPERVISED_POSITIONS))
+    logits = batch * positions * shape.vocab * (compute_bytes + 4 + 4)
+    # dequantizing one weight matrix for the matmul, forward and backward
+    dequant = 2 * compute_bytes * max(i * o for i, o in per_layer)
+    return {"quantized_weights": int(quantized), "fp32_embeddings_head_norms": int(fp32_rest),
+            "lora_weights_and_grads": lora_params * 8, "optimizer_state": int(lora_params * state_bytes),
+            "activations": int(activations), "logits": int(logits), "dequant_workspace": dequant,
+            "total": int(quantized + fp32_rest + lora_params * (8 + state_bytes) + activations + logits + dequant)}
+
+
+def estimate_for_config(cfg: Config, hf_config: Any, seq: int) -> dict[str, int]:
+    """The estimate for a run of `cfg` whose longest batch is `seq` tokens wide (packed: one row
+    of up to the pack length)."""
+    batch = cfg.train.batch_size
+    if cfg.data.packing:
+        batch, seq = 1, pack_length(cfg.data, cfg.train)
+    return estimate_peak(shape_of(hf_config), batch=batch, seq=seq, lora_r=cfg.lora.r,
+                         targets=cfg.lora.target_modules, lora_dropout=cfg.lora.dropout > 0,
+                         optimizer=cfg.train.optimizer,
+                         recompute=cfg.model.recompute_activations,
+                         recompute_layers=cfg.model.recompute_layers,
+                         double_quant=cfg.model.double_quant,
+                         logits_everywhere=not cfg.train.supervised_logits_only,
+                         compute_bytes=4 if cfg.train.precision == "fp32" else 2)
+
+
+def format_estimate(estimate: dict[str, int]) -> str:
+    return "\n".join(["estimated peak allocated:"] + [f"  {k:<28} {size(v)}" for k, v in estimate.items()])
