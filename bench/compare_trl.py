@@ -11,17 +11,18 @@ and is imported only here.
     python bench/compare_trl.py parity --shape extractive_1024 --steps 20 --out bench/results/parity.json
     python bench/compare_trl.py table bench/results/*.json           # the README table
 
-`ours` runs the levers one after another on one loaded model, each adding to the last:
-plain -> +length grouping -> +logits at supervised positions -> +compute-dtype norms -> no cuDNN
-attention -> +varlen attention -> +packing -> +compiled decoder layers (-> +fewer checkpointed
-layers, with model.checkpoint_layers=N).
-Common settings (tokenizer, data file) come as config overrides after the options.
+`ours` runs the levers one after another on one loaded model, each a set of config overrides
+added to the last (LEVERS): plain -> +length grouping -> +logits at supervised positions ->
++compute-dtype norms -> no cuDNN attention -> +varlen attention -> +packing -> +compiled decoder
+layers (-> +fewer recomputed layers, with model.recompute_layers=N).
+The job both sides run is JOB (config overrides, printed in the result file) on top of --config;
+further overrides (tokenizer, data file) come after the options. Runs on a CPU too, slowly, with
+configs/tiny.yaml: a check that the script works, not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import sys
@@ -37,39 +38,39 @@ use_expandable_segments()  # before torch touches CUDA
 import torch  # noqa: E402
 
 from qlora.attention import VARLEN  # noqa: E402
-from qlora.attention import register as register_varlen  # noqa: E402
 from qlora.batching import DataOrder, data_order  # noqa: E402
-from qlora.config import Config, ModelConfig, load_config  # noqa: E402
+from qlora.config import Config, load_config  # noqa: E402
 from qlora.data import IGNORE, prepare_data  # noqa: E402
-from qlora.loop import micro_batch_loss, optimizer_step, train_step  # noqa: E402
+from qlora.loop import StepSettings, micro_batch_loss, train_step  # noqa: E402
 from qlora.memory import GIB, MemoryMeter  # noqa: E402
-from qlora.model import (DTYPES, build_model, cast_frozen_fp32, checkpoint_first_layers,  # noqa: E402
-                         compile_decoder_layers, load_base_model, load_tokenizer, read_architecture,
-                         resolve_device)
-from qlora.optim import build_optimizer, build_scaler, build_scheduler  # noqa: E402
+from qlora.model import apply_levers, build_model, load_base_model, load_tokenizer, read_architecture, resolve_device  # noqa: E402
+from qlora.optim import build_training_state  # noqa: E402
 
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM; the H200 has the same tensor cores
-SHAPES = {"closed_book": ("closed_book", 512), "extractive_1024": ("extractive", 1024),
-          "extractive_2048": ("extractive", 2048)}
-LEVERS = [  # (name, changes to the previous variant)
-    ("plain", {"group_by_length": False, "supervised_logits_only": False, "packing": False}),
-    ("+length grouping", {"group_by_length": True}),
-    ("+logits at supervised positions", {"supervised_logits_only": True}),
-    ("+compute-dtype norms/head", {"upcast": False}),
-    ("+no cuDNN attention", {"cudnn": False}),
-    ("+varlen attention", {"attn": VARLEN}),
-    ("+packing, one row per micro-batch", {"packing": True}),
-    ("+compiled decoder layers", {"compile": True}),
-    ("+fewer checkpointed layers", {"checkpoint_layers": True}),  # only with model.checkpoint_layers=N
+SHAPES = {"closed_book": ["data.format=closed_book", "data.max_length=512"],
+          "extractive_1024": ["data.format=extractive", "data.max_length=1024"],
+          "extractive_2048": ["data.format=extractive", "data.max_length=2048"]}
+# The tutorial's job, the same on both sides.
+JOB = ["model.random_init=true", "train.precision=bf16", "train.batch_size=4", "train.grad_accum=4",
+       "train.lr=2e-4", "train.optimizer=paged_adamw_8bit", "model.recompute_activations=true"]
+LEVERS = [  # (name, config overrides added to the previous variant's)
+    ("plain", ["data.group_by_length=false", "train.supervised_logits_only=false",
+               "model.upcast_non_quantized=true", "model.cudnn_attention=true", "model.attn_implementation=sdpa",
+               "data.packing=false", "model.compile_layers=false", "model.recompute_layers=null"]),
+    ("+length grouping", ["data.group_by_length=true"]),
+    ("+logits at supervised positions", ["train.supervised_logits_only=true"]),
+    ("+compute-dtype norms/head", ["model.upcast_non_quantized=false"]),
+    ("+no cuDNN attention", ["model.cudnn_attention=false"]),
+    ("+varlen attention", ["model.attn_implementation=varlen"]),
+    ("+packing, one row per micro-batch", ["data.packing=true"]),
+    ("+compiled decoder layers", ["model.compile_layers=true"]),
 ]
-BASE = ["model.random_init=true", "model.cudnn_attention=true", "model.upcast_non_quantized=true", "train.precision=bf16", "train.batch_size=4", "train.grad_accum=4",
-        "train.lr=2e-4", "train.optimizer=paged_adamw_8bit", "model.gradient_checkpointing=true"]
+PLAIN = LEVERS[0][1]  # TRL's side: padded rows, SDPA, uncompiled, every layer recomputed
 
 
-def setup(shape: str, overrides: list[str]) -> tuple[Config, Any, Any, torch.device]:
-    fmt, length = SHAPES[shape]
-    cfg = load_config("configs/llama2-7b-korquad.yaml",
-                      [*BASE, f"data.format={fmt}", f"data.max_length={length}", *overrides])
+def setup(config: str, shape: str, overrides: list[str]) -> tuple[Config, Any, Any, torch.device]:
+    """The job's config (config file + JOB + shape + overrides), tokenizer, tokenized data, device."""
+    cfg = load_config(config, [*JOB, *SHAPES[shape], *overrides])
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed)
     return cfg, tokenizer, data, resolve_device(cfg.train.device)
@@ -82,77 +83,81 @@ def n_params(cfg: Config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def summary(tokens: int, seconds: float, steps: int, params: int, device: torch.device) -> dict[str, float]:
+    cuda = device.type == "cuda"
     return {"tokens_per_s": tokens / seconds, "s_per_step": seconds / steps,
             "mfu": 6 * params * tokens / seconds / H100_BF16_DENSE,
-            "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB}
+            "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB if cuda else None,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB if cuda else None}
+
+
+def run_steps(model: Any, cfg: Config, order: DataOrder, device: torch.device, steps: int) -> list[dict[str, float]]:
+    """Optimizer steps 1..steps of train.py's train_step: the loss, real tokens and wall time of each."""
+    state = build_training_state(model, cfg.train, steps, device)
+    settings = StepSettings(precision=cfg.train.precision, max_grad_norm=cfg.train.max_grad_norm,
+                            supervised_logits_only=cfg.train.supervised_logits_only)
+    meter, out = MemoryMeter(device), []
+    for step in range(1, steps + 1):
+        synchronize(device)
+        t0 = time.perf_counter()
+        _, batches = order.batches(step - 1)
+        result = train_step(model, batches, state, settings, device, meter, step)  # reads the loss: a sync point
+        out.append({"loss": result.loss, "tokens": sum(b["n_tokens"] for b in batches),
+                    "seconds": time.perf_counter() - t0})
+    return out
 
 
 # ---------------------------------------------------------------- our loop
 
-def run_ours(cfg: Config, tokenizer: Any, data: Any, device: torch.device, steps: int,
-             only_last: bool = False, skip: tuple[str, ...] = ()) -> list[dict]:
-    n_checkpointed = cfg.model.checkpoint_layers
-    model_cfg = dataclasses.replace(cfg.model, checkpoint_layers=None, attn_implementation="sdpa", compile_layers=False)
-    model = build_model(model_cfg, cfg.lora, cfg.train.precision, device, cfg.train.seed)
-    params, results, lever = n_params(cfg), [], {}
-    for index, (name, change) in enumerate(LEVERS):
-        if name in skip or ("checkpoint_layers" in change and n_checkpointed is None):
+def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_last: bool = False,
+             skip: tuple[str, ...] = ()) -> list[dict]:
+    cfg, tokenizer, data, device = setup(config, shape, overrides)
+    levers = LEVERS + ([(f"+recompute {cfg.model.recompute_layers} of "
+                         f"{read_architecture(cfg.model).num_hidden_layers} layers",
+                         [f"model.recompute_layers={cfg.model.recompute_layers}"])]
+                       if cfg.model.recompute_layers is not None else [])
+    levers = [(name, change) for name, change in levers if name not in skip]
+    variants, added = [], []
+    for name, change in levers:
+        added += change
+        variants.append((name if not skip else f"{name} (without {', '.join(skip)})",
+                         load_config(config, [*JOB, *SHAPES[shape], *overrides, *added])))
+    model = build_model(variants[0][1].model, cfg.lora, cfg.train.precision, device, cfg.train.seed)
+    params, results, previous = n_params(cfg), [], variants[0][1]
+    for index, (name, variant) in enumerate(variants):
+        apply_levers(model, variant.model, variant.train.precision)
+        if only_last and index < len(variants) - 1:
+            previous = variant
             continue
-        lever.update(change)
-        torch.backends.cuda.enable_cudnn_sdp(lever.get("cudnn", True))
-        if lever.get("upcast") is False:  # in place and one way, so this lever comes late
-            cast_frozen_fp32(model, DTYPES[cfg.train.precision])
-        if lever.get("attn") == VARLEN:
-            register_varlen()
-            model.get_base_model().set_attn_implementation(VARLEN)
-        if "compile" in change:
-            compile_decoder_layers(model)
-        if lever.get("checkpoint_layers"):
-            checkpoint_first_layers(model, n_checkpointed)
-            name = f"+checkpoint {n_checkpointed} of {read_architecture(cfg.model).num_hidden_layers} layers"
-        if only_last and index < len(LEVERS) - 1 - (n_checkpointed is None):
-            continue
-        name = name if not skip else f"{name} (without {', '.join(skip)})"
-        order = data_order(data.rows, dataclasses.replace(cfg.data, group_by_length=lever["group_by_length"],
-                                                          packing=lever["packing"]),
-                           cfg.train, tokenizer.pad_token_id)
-        check = (loss_against_sdpa(model, order, cfg, device, lever)
-                 if lever.get("attn") == VARLEN and ("attn" in change or "packing" in change) else None)
-        optimizer = build_optimizer(model, cfg.train)
-        scheduler = build_scheduler(optimizer, cfg.train, steps + 1)
-        scaler = build_scaler(cfg.train.precision, device)
-        meter = MemoryMeter(device)
-        tokens, seconds = 0, 0.0
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        for step in range(steps + 1):  # step 0 warms up and is not timed
-            torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            _, batches = order.batches(step)
-            loss = train_step(model, batches, scaler, cfg.train.precision, device,
-                              lever["supervised_logits_only"], meter)
-            optimizer_step(model, optimizer, scheduler, scaler, cfg.train.max_grad_norm)
-            float(loss)  # sync point
-            if step:
-                seconds += time.perf_counter() - t0
-                tokens += sum(b["n_tokens"] for b in batches)
-        row = {"side": "ours", "variant": name, **summary(tokens, seconds, steps, params, device)}
+        order = data_order(data.rows, variant.data, variant.train, tokenizer.pad_token_id)
+        check = (loss_against_sdpa(model, order, variant, device)
+                 if variant.model.attn_implementation == VARLEN and
+                 (previous.model.attn_implementation != VARLEN or previous.data.packing != variant.data.packing)
+                 else None)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        timed = run_steps(model, variant, order, device, steps + 1)[1:]  # step 1 warms up (and compiles)
+        row = {"side": "ours", "variant": name, **summary(sum(s["tokens"] for s in timed),
+                                                          sum(s["seconds"] for s in timed), steps, params, device)}
         if check is not None:
             row["step0_loss_relative_to_sdpa"] = check
-        if lever.get("compile"):
+        if variant.model.compile_layers:
             from torch._dynamo.utils import counters
             row["compile"] = {"graph_breaks": sum(counters["graph_break"].values()),
                               "unique_graphs": counters["stats"]["unique_graphs"]}
         print(json.dumps(row), flush=True)
         results.append(row)
-        del optimizer
+        previous = variant
     return results
 
 
-def loss_against_sdpa(model: Any, order: DataOrder, cfg: Config, device: torch.device,
-                      lever: dict[str, Any]) -> float:
+def loss_against_sdpa(model: Any, order: DataOrder, cfg: Config, device: torch.device) -> float:
     """|varlen - SDPA| / SDPA for the loss of step 0's window, same weights, same batches: the
     GPU side of the CPU test that varlen attention keeps the loss."""
     losses = []
@@ -161,7 +166,7 @@ def loss_against_sdpa(model: Any, order: DataOrder, cfg: Config, device: torch.d
         for attn in (VARLEN, "sdpa"):
             model.get_base_model().set_attn_implementation(attn)
             losses.append(sum(float(micro_batch_loss(model, b, cfg.train.precision, device,
-                                                     lever["supervised_logits_only"]))
+                                                     cfg.train.supervised_logits_only))
                               for b in order.batches(0)[1]))
     model.get_base_model().set_attn_implementation(VARLEN)
     model.train()
@@ -169,12 +174,6 @@ def loss_against_sdpa(model: Any, order: DataOrder, cfg: Config, device: torch.d
 
 
 # ---------------------------------------------------------------- TRL
-
-def trl_model_config(model: ModelConfig) -> ModelConfig:
-    """TRL's side runs padded rows through SDPA, uncompiled, whatever levers the config turns on
-    for ours (varlen attention needs sequence bounds that only our loop passes)."""
-    return dataclasses.replace(model, attn_implementation="sdpa", compile_layers=False, checkpoint_layers=None)
-
 
 def trl_dataset(rows: list[Any], tmp: Path) -> Any:
     """Pre-tokenized rows with TRL's completion_mask, through a JSON file (Dataset.from_list fails
@@ -218,8 +217,10 @@ def trl_trainer(cfg: Config, model: Any, tokenizer: Any, rows: list[Any], steps:
                               processing_class=tokenizer, peft_config=lora)
 
 
-def run_trl(cfg: Config, tokenizer: Any, data: Any, device: torch.device, steps: int) -> list[dict]:
+def run_trl(config: str, shape: str, overrides: list[str], steps: int) -> list[dict]:
     from transformers import TrainerCallback
+
+    cfg, tokenizer, data, device = setup(config, shape, [*overrides, *PLAIN])
 
     class StepClock(TrainerCallback):
         """Wall time of each optimizer step, synchronized with the GPU."""
@@ -228,19 +229,20 @@ def run_trl(cfg: Config, tokenizer: Any, data: Any, device: torch.device, steps:
             self.times: list[float] = []
 
         def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
-            torch.cuda.synchronize(device)
+            synchronize(device)
             self.start = time.perf_counter()
 
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            torch.cuda.synchronize(device)
+            synchronize(device)
             self.times.append(time.perf_counter() - self.start)
 
-    model = load_base_model(trl_model_config(cfg.model), cfg.train.precision, device, cfg.train.seed)
+    model = load_base_model(cfg.model, cfg.train.precision, device, cfg.train.seed)
     clock = StepClock()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = trl_trainer(cfg, model, tokenizer, data.rows, steps + 1, Path(tmp), sequential=False, peft=True)
         trainer.add_callback(clock)
-        torch.cuda.reset_peak_memory_stats(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         trainer.train()
     per_step = cfg.train.grad_accum
     tokens = sum(trainer.token_counts[per_step:per_step * (steps + 1)])  # step 0 warms up
@@ -251,30 +253,26 @@ def run_trl(cfg: Config, tokenizer: Any, data: Any, device: torch.device, steps:
 
 # ---------------------------------------------------------------- parity
 
-def run_parity(cfg: Config, tokenizer: Any, data: Any, device: torch.device, steps: int) -> list[dict]:
+PARITY = ["lora.dropout=0", "data.group_by_length=false"]  # the same function, the same rows in order
+
+
+def run_parity(config: str, shape: str, overrides: list[str], steps: int) -> list[dict]:
     """Same initial adapter, same examples per step in the same order, dropout 0: per-step losses.
     Our side runs the levers the overrides turn on (e.g. model.attn_implementation=varlen
     data.packing=true model.compile_layers=true): packing regroups a step's examples into rows but
-    keeps the step's examples, so the step's loss must still match."""
-    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0),
-                              data=dataclasses.replace(cfg.data, group_by_length=False))
+    keeps the step's examples, so the step's loss must still match. TRL's side: PLAIN."""
+    cfg, tokenizer, data, device = setup(config, shape, [*overrides, *PARITY])
     order = data_order(data.rows, cfg.data, cfg.train, tokenizer.pad_token_id)
     ours_model = build_model(cfg.model, cfg.lora, cfg.train.precision, device, cfg.train.seed)
-    optimizer = build_optimizer(ours_model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, steps)
-    scaler = build_scaler(cfg.train.precision, device)
-    meter, ours = MemoryMeter(device), []
-    for step in range(steps):
-        _, batches = order.batches(step)
-        loss = train_step(ours_model, batches, scaler, cfg.train.precision, device, True, meter)
-        optimizer_step(ours_model, optimizer, scheduler, scaler, cfg.train.max_grad_norm)
-        ours.append(float(loss))
-    del ours_model, optimizer
-    torch.cuda.empty_cache()
+    ours = [s["loss"] for s in run_steps(ours_model, cfg, order, device, steps)]
+    del ours_model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     rows = [r for step in range(steps) for batch in order.window(step)[1] for r in batch]
-    trl_model = build_model(trl_model_config(cfg.model), cfg.lora, cfg.train.precision, device, cfg.train.seed)  # same adapter
+    trl_cfg = load_config(config, [*JOB, *SHAPES[shape], *overrides, *PARITY, *PLAIN])
+    trl_model = build_model(trl_cfg.model, cfg.lora, cfg.train.precision, device, cfg.train.seed)  # same adapter
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = trl_trainer(cfg, trl_model, tokenizer, rows, steps, Path(tmp), sequential=True, peft=False)
+        trainer = trl_trainer(trl_cfg, trl_model, tokenizer, rows, steps, Path(tmp), sequential=True, peft=False)
         trainer.train()
     theirs = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     deviation = [abs(a - b) / b for a, b in zip(ours, theirs)]
@@ -295,14 +293,16 @@ def table(paths: list[Path]) -> None:
         for row in run["results"]:
             ref = trl.get(run["shape"])
             ratio = f"{row['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
+            gib = lambda key: "-" if row[key] is None else f"{row[key]:.2f}"  # noqa: E731 (None on a CPU)
             print(f"| {run['shape']} | {row['side']}: {row['variant']} | {row['tokens_per_s']:,.0f} | "
-                  f"{row['s_per_step']:.2f} | {row['peak_allocated_gib']:.2f} | {row['peak_reserved_gib']:.2f} | "
+                  f"{row['s_per_step']:.2f} | {gib('peak_allocated_gib')} | {gib('peak_reserved_gib')} | "
                   f"{100 * row['mfu']:.1f}% | {ratio} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["ours", "trl", "parity", "table"])
+    p.add_argument("--config", default="configs/llama2-7b-korquad.yaml", help="the config JOB starts from")
     p.add_argument("rest", nargs="*", help="config overrides; for table, result files")
     p.add_argument("--shape", choices=list(SHAPES), default="extractive_2048")
     p.add_argument("--steps", type=int, default=6)
@@ -313,17 +313,16 @@ def main() -> None:
     if args.mode == "table":
         table([Path(x) for x in args.rest])
         return
-    cfg, tokenizer, data, device = setup(args.shape, args.rest)
     if args.mode == "ours":
-        results = run_ours(cfg, tokenizer, data, device, args.steps, args.only_last, tuple(args.skip))
+        results = run_ours(args.config, args.shape, args.rest, args.steps, args.only_last, tuple(args.skip))
     else:
-        results = {"trl": run_trl, "parity": run_parity}[args.mode](cfg, tokenizer, data, device, args.steps)
+        results = {"trl": run_trl, "parity": run_parity}[args.mode](args.config, args.shape, args.rest, args.steps)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
             "mode": args.mode, "shape": args.shape, "steps": args.steps, "date": datetime.date.today().isoformat(),
-            "gpu": torch.cuda.get_device_name(device), "versions": versions(), "command": " ".join(sys.argv),
-            "results": results}, indent=1))
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "versions": versions(),
+            "command": " ".join(sys.argv), "job": JOB, "results": results}, indent=1))
 
 
 def versions() -> dict[str, str]:

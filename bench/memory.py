@@ -27,10 +27,11 @@ import torch  # noqa: E402
 from qlora.batching import collate  # noqa: E402
 from qlora.config import load_config  # noqa: E402
 from qlora.data import encode_example, load_examples  # noqa: E402
-from qlora.loop import optimizer_step, train_step  # noqa: E402
-from qlora.memory import GIB, MemoryMeter, estimate_for_config, step_peak_gib  # noqa: E402
-from qlora.model import build_model, load_tokenizer, read_architecture, resolve_device  # noqa: E402
-from qlora.optim import build_optimizer, build_scaler, build_scheduler  # noqa: E402
+from qlora.estimate import estimate_for_config  # noqa: E402
+from qlora.loop import StepSettings, train_step  # noqa: E402
+from qlora.memory import GIB, MemoryMeter, step_peak_gib  # noqa: E402
+from qlora.model import apply_levers, build_model, load_tokenizer, read_architecture, resolve_device  # noqa: E402
+from qlora.optim import build_training_state  # noqa: E402
 
 
 def longest_rows(cfg, tokenizer, length: int, batch: int):
@@ -40,25 +41,22 @@ def longest_rows(cfg, tokenizer, length: int, batch: int):
     return rows[:batch]
 
 
-def measure(model, cfg, device, batch, checkpointing: bool) -> dict[str, float]:
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, 10)
-    scaler = build_scaler(cfg.train.precision, device)
+def measure(model, cfg, device, batch) -> dict[str, float]:
+    """Peak allocated (per phase, the largest) and reserved memory over two optimizer steps of
+    train.py's train_step on `batch`, with cfg's levers applied to the loaded model."""
+    apply_levers(model, cfg.model, cfg.train.precision)
+    state = build_training_state(model, cfg.train, 10, device)
+    settings = StepSettings(precision=cfg.train.precision, max_grad_norm=cfg.train.max_grad_norm,
+                            supervised_logits_only=cfg.train.supervised_logits_only)
     meter = MemoryMeter(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     peaks = []
-    for _ in range(2):
-        train_step(model, [batch], scaler, cfg.train.precision, device, cfg.train.supervised_logits_only, meter)
-        with meter.phase("optimizer"):
-            optimizer_step(model, optimizer, scheduler, scaler, cfg.train.max_grad_norm)
+    for step in (1, 2):
+        train_step(model, [batch], state, settings, device, meter, step)
         peaks.append(step_peak_gib(meter.step_record()))
     reserved = torch.cuda.max_memory_reserved(device) / GIB
-    del optimizer
+    del state
     return {"peak_allocated_gib": max(peaks), "peak_reserved_gib": reserved}
 
 
@@ -78,12 +76,11 @@ def main() -> None:
     for length in args.lengths:
         rows = longest_rows(cfg, tokenizer, length, cfg.train.batch_size)
         batch = collate(rows, tokenizer.pad_token_id)
-        for checkpointing in (True, False):
-            shaped = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gradient_checkpointing=checkpointing))
+        for recompute in (True, False):
+            shaped = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, recompute_activations=recompute))
             estimate = estimate_for_config(shaped, hf_config, seq=batch["input_ids"].shape[1])["total"] / GIB
             row = {"max_length": length, "width": batch["input_ids"].shape[1], "batch": len(rows),
-                   "checkpointing": checkpointing, **measure(model, cfg, device, batch, checkpointing),
-                   "estimate_gib": estimate}
+                   "recompute": recompute, **measure(model, shaped, device, batch), "estimate_gib": estimate}
             row["estimate_error_pct"] = 100 * (estimate - row["peak_allocated_gib"]) / row["peak_allocated_gib"]
             print(json.dumps(row), flush=True)
             results.append(row)

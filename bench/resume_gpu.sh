@@ -5,11 +5,11 @@
 set -euo pipefail
 out=$1; config=$2; shift 2
 common=(--config "$config" model.random_init=true train.max_steps=20
-        train.save_every=10 train.keep_last=3 log.progress=false "$@")
+        train.save_every=10 train.keep_last=3 train.progress_bar=false "$@")
 python train.py "${common[@]}" train.output_dir="$out/unbroken" --overwrite
 mkdir -p "$out/resumed"
 cp -r "$out/unbroken/checkpoints/step-00000010" "$out/resumed/step10"
-python train.py "${common[@]}" train.output_dir="$out/resumed" --resume "$out/resumed/step10"
+python train.py "${common[@]}" train.output_dir="$out/resumed" --resume-from "$out/resumed/step10"
 python bench/compare_adapters.py "$out/unbroken/final" "$out/resumed/final"
 python - "$out" <<'PY'
 import json, sys

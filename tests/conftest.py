@@ -37,10 +37,10 @@ def tiny_model_factory(tmp_path_factory):
     cache = tmp_path_factory.mktemp("random_init")
 
     def make(precision: str = "fp32", dropout: float = 0.0, seed: int = 0, upcast: bool = True,
-             checkpoint_layers: int | None = None, attn: str = "sdpa", compile_layers: bool = False):
+             recompute_layers: int | None = None, attn: str = "sdpa", compile_layers: bool = False):
         cfg = ModelConfig(name=str(ROOT / "configs" / "tiny" / "model"), random_init=True,
                           random_init_cache=str(cache), upcast_non_quantized=upcast,
-                          checkpoint_layers=checkpoint_layers, attn_implementation=attn,
+                          recompute_layers=recompute_layers, attn_implementation=attn,
                           compile_layers=compile_layers)
         return build_model(cfg, LoraConfig(dropout=dropout), precision, torch.device("cpu"), seed)
 
@@ -55,6 +55,6 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "tiny"
     cache = tmp_path_factory.mktemp("cache")
     code = train.main(["--config", str(TINY_YAML), f"train.output_dir={out}",
-                       f"model.random_init_cache={cache}", "log.progress=false"])
+                       f"model.random_init_cache={cache}", "train.progress_bar=false"])
     assert code == 0
     return out, cache

@@ -1,9 +1,12 @@
+import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from qlora.config import Config, load_config
+from qlora.config import config_from_dict, key_fields, load_config, peak_lowering_hints, resume_safe_keys
 from qlora.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +35,7 @@ def test_defaults_and_overrides(tmp_path):
 
 def test_frozen(tmp_path):
     cfg = load_config(write(tmp_path, BASE))
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.lr = 1.0
 
 
@@ -45,6 +48,11 @@ def test_frozen(tmp_path):
     ("lora.dropout=1", "lora.dropout: must be in [0, 1)"),
     ("optim.lr=1", "optim: unknown section"),
     ("trainlr=1", "must look like section.key=value"),
+    ("train.lr=inf", "train.lr: must be a finite number, got inf"),
+    ("train.max_grad_norm=.nan", "train.max_grad_norm: must be a finite number"),
+    ("model.gradient_checkpointing=false", "model.gradient_checkpointing: renamed to model.recompute_activations"),
+    ("log.progress=false", "log.progress: renamed to train.progress_bar"),
+    ("model.load_in_4bit=false", "model.load_in_4bit: removed"),
 ])
 def test_errors_name_the_key_and_what_is_allowed(tmp_path, override, message):
     with pytest.raises(UserError) as e:
@@ -65,13 +73,33 @@ def test_range_checks_after_types(tmp_path):
         load_config(write(tmp_path, BASE), ["train.epochs=0"])
 
 
+def test_yaml_errors_name_the_line_and_column(tmp_path):
+    with pytest.raises(UserError, match=r"is not valid YAML at line 3, column 1"):
+        load_config(write(tmp_path, "model: {name: m}\ndata: {source: d.json}\n\tbad: [\ntrain: {}"))
+
+
 @pytest.mark.parametrize("name", ["tiny.yaml", "tutorial.yaml", "llama2-7b-korquad.yaml"])
 def test_shipped_configs_load_and_round_trip(name):
     cfg = load_config(ROOT / "configs" / name)
     again = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
-    from qlora.config import config_from_dict
     assert config_from_dict(again) == cfg
-    assert isinstance(cfg, Config)
+
+
+def test_each_key_carries_its_facts():
+    """A key's doc, whether it may change on resume and whether it lowers the peak live on its
+    field; the resume check, the OOM message and `python -m qlora.config` all read them there."""
+    fields = key_fields()
+    assert all(f.metadata["doc"] for f in fields.values())
+    safe = resume_safe_keys()
+    assert {"train.output_dir", "train.progress_bar", "model.recompute_layers", "data.packing",
+            "model.compile_layers", "eval.batch_size"} <= safe
+    assert not {"lora.r", "train.lr", "data.max_length", "train.seed", "data.group_by_length"} & safe
+    hints = peak_lowering_hints()
+    assert "train.batch_size lower" in hints and "model.recompute_activations=true" in hints
+    listing = subprocess.run([sys.executable, "-m", "qlora.config"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60).stdout
+    assert all(f"{name}:" in listing for name in fields)
+    assert "train.output_dir: (required)  [may change on resume]" in listing
 
 
 def test_tutorial_config_is_the_tutorial():

@@ -5,15 +5,14 @@ import math
 
 import pytest
 import torch
-from transformers import get_cosine_schedule_with_warmup
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qlora.batching import collate, collate_packed, pack
 from qlora.config import TrainConfig
 from qlora.data import IGNORE, Encoded, Example
+from qlora.loop import accumulate_gradients, micro_batch_loss, optimizer_step
 from qlora.memory import MemoryMeter
-from qlora.loop import micro_batch_loss, optimizer_step, train_step
-from qlora.optim import build_optimizer, build_scaler, build_scheduler, warmup_steps
+from qlora.optim import build_training_state
 
 CPU = torch.device("cpu")
 METER = MemoryMeter(CPU)
@@ -38,12 +37,12 @@ def test_accumulation_equals_one_big_batch(tiny_model_factory):
     equals the gradient of the whole window as one batch."""
     model = tiny_model_factory("fp32")
     rows = make_rows([12, 40, 25, 9, 33, 18], [2, 9, 4, 1, 7, 3])
-    scaler = build_scaler("fp32", CPU)
-    train_step(model, [collate(rows, 0)], scaler, "fp32", CPU, True, METER)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    accumulate_gradients(model, [collate(rows, 0)], scaler, "fp32", CPU, True, METER)
     big = lora_grads(model)
     model.zero_grad()
     micro = [collate(rows[:1], 0), collate(rows[1:4], 0), collate(rows[4:], 0)]
-    train_step(model, micro, scaler, "fp32", CPU, True, METER)
+    accumulate_gradients(model, micro, scaler, "fp32", CPU, True, METER)
     acc = lora_grads(model)
     for name in big:
         torch.testing.assert_close(acc[name], big[name], rtol=1e-5, atol=1e-7)
@@ -106,7 +105,7 @@ def test_compiled_layers_give_the_same_loss_and_gradient(tiny_model_factory):
         return loss.detach(), lora_grads(model)
 
     for a, b in (({}, {"compile_layers": True}),
-                 ({"compile_layers": True, "dropout": 0.1, "checkpoint_layers": 0},
+                 ({"compile_layers": True, "dropout": 0.1, "recompute_layers": 0},
                   {"compile_layers": True, "dropout": 0.1})):
         (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(**a), loss_and_grads(**b)
         torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
@@ -127,11 +126,11 @@ def test_compute_dtype_norms_and_head_keep_the_loss_within_bf16_rounding(tiny_mo
     assert losses[1] == pytest.approx(losses[0], rel=1e-2)
 
 
-def test_checkpointing_fewer_layers_gives_the_same_gradient(tiny_model_factory):
+def test_recomputing_fewer_layers_gives_the_same_gradient(tiny_model_factory):
     batch = collate(make_rows([30, 17, 22], [5, 3, 8], seed=4), 0)
     grads = []
     for layers in (None, 1, 0):
-        model = tiny_model_factory("fp32", checkpoint_layers=layers)
+        model = tiny_model_factory("fp32", recompute_layers=layers)
         flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         assert flags == {None: [True, True], 1: [True, False], 0: [False, False]}[layers]
         micro_batch_loss(model, batch, "fp32", CPU, True).backward()
@@ -143,38 +142,37 @@ def test_checkpointing_fewer_layers_gives_the_same_gradient(tiny_model_factory):
 
 def test_fp16_gradscaler_skips_a_step_on_inf(tiny_model_factory):
     model = tiny_model_factory("fp16")
-    cfg = TrainConfig(output_dir="x", optimizer="paged_adamw_8bit", lr=1e-2, warmup_ratio=0.0)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, total_steps=10)
-    scaler = build_scaler("fp16", CPU)
+    cfg = TrainConfig(output_dir="x", optimizer="paged_adamw_8bit", lr=1e-2, warmup_ratio=0.0, precision="fp16")
+    state = build_training_state(model, cfg, total_steps=10, device=CPU)
+    scaler = state.scaler
     batch = collate(make_rows([20, 15], [4, 4]), 0)
 
-    train_step(model, [batch], scaler, "fp16", CPU, True, METER)
+    accumulate_gradients(model, [batch], scaler, "fp16", CPU, True, METER)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     next(p for p in model.parameters() if p.requires_grad).grad[0, 0] = float("inf")
     scale = scaler.get_scale()
-    _, skipped = optimizer_step(model, optimizer, scheduler, scaler, 1.0)
+    _, skipped = optimizer_step(model, state, 1.0)
     assert skipped and scaler.get_scale() == scale / 2
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
 
-    train_step(model, [batch], scaler, "fp16", CPU, True, METER)
-    grad_norm, skipped = optimizer_step(model, optimizer, scheduler, scaler, 1.0)
+    accumulate_gradients(model, [batch], scaler, "fp16", CPU, True, METER)
+    grad_norm, skipped = optimizer_step(model, state, 1.0)
     assert not skipped and math.isfinite(grad_norm)
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
 def test_schedule_warmup_then_cosine_to_zero():
-    cfg = TrainConfig(output_dir="x", lr=2e-4, warmup_ratio=0.03)
-    assert warmup_steps(cfg, 200) == 6  # ceil(0.03 * 200), as HF TrainingArguments
-    p = torch.nn.Parameter(torch.zeros(1))
-    ours = build_scheduler(torch.optim.SGD([p], lr=2e-4), cfg, 200)
-    ref = get_cosine_schedule_with_warmup(torch.optim.SGD([p], lr=2e-4), 6, 200)
+    """The learning rate of each of 200 steps against the schedule written out: ceil(3% of 200) = 6
+    warmup steps from 0 (as HF TrainingArguments counts them), then a half cosine to 0."""
+    cfg = TrainConfig(output_dir="x", lr=2e-4, warmup_ratio=0.03, optimizer="adamw", precision="fp32")
+    model = torch.nn.Linear(2, 2)
+    state = build_training_state(model, cfg, 200, CPU)
+    expected = [2e-4 * s / 6 if s < 6 else 2e-4 * 0.5 * (1 + math.cos(math.pi * (s - 6) / 194)) for s in range(200)]
     lrs = []
     for _ in range(200):
-        lrs.append(ours.get_last_lr()[0])
-        assert lrs[-1] == ref.get_last_lr()[0]
-        ours.optimizer.step(), ours.step(), ref.optimizer.step(), ref.step()
-    assert lrs[0] == 0 and lrs[6] == pytest.approx(2e-4) and max(lrs) == pytest.approx(2e-4)
-    assert lrs[3] == pytest.approx(1e-4) and lrs[103] == pytest.approx(1e-4, rel=1e-2)
-    assert lrs[-1] < 1e-7 and all(a >= b for a, b in zip(lrs[6:], lrs[7:]))
+        lrs.append(state.scheduler.get_last_lr()[0])
+        state.optimizer.step(), state.scheduler.step()
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert lrs[0] == 0 and max(lrs) == pytest.approx(2e-4) and lrs[-1] < 1e-7
+    assert not state.scaler.is_enabled()  # loss scaling is for fp16 only

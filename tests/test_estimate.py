@@ -1,0 +1,62 @@
+"""The memory estimate (qlora/estimate.py) against what was measured: the GPU peaks of
+bench/memory.py, and the bytes of a model built through the real 4-bit path."""
+
+import json
+
+import pytest
+import torch
+
+from qlora.config import load_config
+from qlora.estimate import estimate_for_config, shape_of
+from qlora.memory import GIB, startup_breakdown
+from qlora.model import read_architecture
+from tests.conftest import ROOT
+
+MEASURED = ROOT / "bench" / "results" / "memory-llama2-7b-h200.json"
+# the config as bench/memory.py ran it then (before the config gained its levers)
+AS_MEASURED = ["model.upcast_non_quantized=true", "model.attn_implementation=sdpa", "model.compile_layers=false",
+               "data.packing=false"]
+
+
+def llama2_7b(*overrides):
+    cfg = load_config(ROOT / "configs" / "llama2-7b-korquad.yaml", [*AS_MEASURED, *overrides])
+    return cfg, read_architecture(cfg.model)
+
+
+@pytest.mark.parametrize("row", json.loads(MEASURED.read_text())["results"],
+                         ids=lambda r: f"{r['max_length']}-recompute={r['checkpointing']}")
+def test_estimate_is_within_5_percent_of_the_measured_gpu_peak(row):
+    """Llama-2-7B, batch 4 rows of exactly the max length, one H200 (bench/memory.py): the README's
+    memory table; recompute on and off."""
+    cfg, arch = llama2_7b(f"model.recompute_activations={str(row['checkpointing']).lower()}")
+    estimate = estimate_for_config(cfg, arch, seq=row["width"])["total"] / GIB
+    assert estimate == pytest.approx(row["peak_allocated_gib"], rel=0.05)
+
+
+def test_weight_bytes_equal_the_model_as_built(tiny_model_factory):
+    """The estimate's weight rows against the tiny model's own tensors (4-bit weights with their
+    quantization constants, fp32 embeddings/head/norms, fp32 LoRA)."""
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["lora.dropout=0", "train.precision=fp32"])
+    estimate = estimate_for_config(cfg, read_architecture(cfg.model), seq=64)
+    model = tiny_model_factory("fp32")
+    measured = startup_breakdown(model, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))]),
+                                 torch.device("cpu"))["bytes"]
+    base = estimate["quantized_weights"] + estimate["fp32_embeddings_head_norms"]
+    assert base == pytest.approx(measured["base_weights"], rel=0.05)
+    assert estimate["lora_weights_and_grads"] == 2 * measured["lora_adapters"]  # fp32 weights + fp32 grads
+
+
+def test_each_lever_moves_the_estimate_the_way_it_moves_memory():
+    cfg, arch = llama2_7b()
+    seq = 2048
+    base = estimate_for_config(cfg, arch, seq)
+    half = estimate_for_config(*llama2_7b("model.recompute_layers=16"), seq)
+    none = estimate_for_config(*llama2_7b("model.recompute_activations=false"), seq)
+    assert base["activations"] < half["activations"] < none["activations"]
+    everywhere = estimate_for_config(*llama2_7b("train.supervised_logits_only=false"), seq)
+    assert everywhere["logits"] > 40 * base["logits"]
+    fp32 = estimate_for_config(*llama2_7b("train.precision=fp32"), seq)
+    assert fp32["activations"] > base["activations"]
+    packed = estimate_for_config(*llama2_7b("data.packing=true", "data.pack_length=4096"), seq)
+    assert packed["activations"] == pytest.approx(base["activations"] / 2, rel=0.01)  # 4096 tokens, not 4 x 2048
+    assert shape_of(arch).layers == 32 and base["total"] == sum(v for k, v in base.items() if k != "total")
