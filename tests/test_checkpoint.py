@@ -1,7 +1,11 @@
-"""Checkpoints: resume equals an unbroken run bit for bit on CPU, whatever kills the run, and bad
-checkpoints or changed configs are refused."""
+"""Checkpoints: resume equals an unbroken run bit for bit on CPU, whatever stopped the run, and bad
+checkpoints or changed configs are refused. Two runs are killed in a subprocess (a signal needs a
+process); every other run, the resumes included, runs in this process through train.main."""
 
+import hashlib
 import json
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,32 +16,33 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train
 from qlora.checkpoint import list_checkpoints
 from qlora.logs import read_metrics
 from tests.conftest import FIXTURE, ROOT, TINY_YAML
 
 # r=64 makes each LoRA matrix 4,096 elements, the size from which bitsandbytes keeps 8-bit
 # optimizer states; dropout stays on, so the RNG states must be restored too.
-COMMON = ["lora.r=64", "train.max_steps=40", "log.progress=false"]
+COMMON = ["lora.r=64", "train.max_steps=12", "train.progress_bar=false"]
 TIMING = {"tokens_per_s", "step_s", "elapsed_s", "mem"}
+WAIT_S = 120  # the longest any test waits for a file a subprocess writes
 
 
-def cmd(out: Path, cache: Path, *extra: str) -> list[str]:
-    return [sys.executable, "train.py", "--config", str(TINY_YAML), *COMMON,
-            f"train.output_dir={out}", f"model.random_init_cache={cache}", *extra]
+def args(out: Path, cache: Path, *extra: str) -> list[str]:
+    return ["--config", str(TINY_YAML), *COMMON, f"train.output_dir={out}", f"model.random_init_cache={cache}",
+            *extra]
 
 
-def run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+def start(out: Path, cache: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", *args(out, cache, *extra)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(path: Path, proc: subprocess.Popen) -> None:
-    while not path.exists():
+def wait_until(ready, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not ready():
         assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"gave up after {WAIT_S} s"
         time.sleep(0.005)
 
 
@@ -53,8 +58,15 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("unbroken") / "run"
-    result = run(cmd(out, cache))
-    assert result.returncode == 0, result.stderr
+    assert train.main(args(out, cache)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, cache):
+    """A finished run with checkpoints at steps 10 and 12. Tests that change it work on a copy."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert train.main(args(out, cache, "train.save_every=2")) == 0
     return out
 
 
@@ -70,57 +82,45 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert numbers(read_metrics(run_dir / "metrics.jsonl")) == numbers(read_metrics(reference / "metrics.jsonl"))
 
 
-def test_resume_after_sigkill_equals_unbroken_run(tmp_path, cache, unbroken):
+def test_sigkill_at_any_moment_then_resume_equals_unbroken_run(tmp_path, cache, unbroken):
+    """With a save after every step most of the run is spent saving: the kill lands in or between
+    writes; either way the complete checkpoints load and the resumed run matches."""
     out = tmp_path / "run"
-    proc = start(cmd(out, cache, "train.save_every=3"))
-    wait_for(out / "checkpoints" / "step-00000003", proc)
+    proc = start(out, cache, "train.save_every=1", "train.keep_last=40")
+    wait_until(lambda: (out / "checkpoints" / "step-00000004").exists(), proc)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    assert len(read_metrics(out / "metrics.jsonl")) < 40
-    result = run(cmd(out, cache, "train.save_every=3", "--resume"))
-    assert result.returncode == 0, result.stderr
-    assert_same_run(out, unbroken)
-
-
-def test_kill_while_writing_a_checkpoint_leaves_earlier_ones_intact(tmp_path, cache, unbroken):
-    """With a save after every step, most of the run is spent saving: the kill lands in or
-    between writes; either way the complete checkpoints load and the resume matches."""
-    out = tmp_path / "run"
-    proc = start(cmd(out, cache, "train.save_every=1", "train.keep_last=40"))
-    wait_for(out / "checkpoints" / "step-00000004", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert not (out / "final").exists() and len(read_metrics(out / "metrics.jsonl")) < 12
     # what a kill inside save_checkpoint leaves: a temporary folder with partial files
     partial = out / "checkpoints" / ".tmp-step-00000099"
-    partial.mkdir()
+    partial.mkdir(exist_ok=True)
     (partial / "optimizer.pt").write_bytes(b"\x80\x04partial")
-    result = run(cmd(out, cache, "train.save_every=1", "train.keep_last=40", "--resume"))
-    assert result.returncode == 0, result.stderr
+    assert train.main(args(out, cache, "train.save_every=1", "train.keep_last=40", "--resume")) == 0
     assert_same_run(out, unbroken)
 
 
-def test_sigterm_saves_and_resumes(tmp_path, cache, unbroken):
+def test_sigterm_saves_and_resumes(tmp_path, cache, unbroken, capsys):
     out = tmp_path / "run"
-    proc = start(cmd(out, cache))
-    wait_for(out / "metrics.jsonl", proc)
-    while len((out / "metrics.jsonl").read_text().splitlines()) < 2:
-        time.sleep(0.005)
+    proc = start(out, cache)
+    metrics = out / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
     proc.send_signal(signal.SIGTERM)
-    stdout, _ = proc.communicate()
+    stdout, _ = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 0
     assert "SIGTERM: stopped after step" in stdout and "--resume" in stdout
     assert not (out / "final").exists() and list_checkpoints(out)
-    result = run(cmd(out, cache, "--resume"))
-    assert result.returncode == 0, result.stderr
+    assert train.main(args(out, cache, "--resume")) == 0
     assert_same_run(out, unbroken)
 
 
-@pytest.fixture()
-def stopped(tmp_path, cache):
-    out = tmp_path / "run"
-    result = run(cmd(out, cache, "train.max_steps=40", "train.save_every=2"))
-    assert result.returncode == 0, result.stderr
-    return out
+def test_resume_into_another_output_dir_carries_the_metrics(tmp_path, cache, finished, unbroken):
+    """train.output_dir is an allowed change: the resumed run writes there, its metrics.jsonl
+    starting from the checkpoint run's lines up to the checkpoint's step."""
+    moved = tmp_path / "new" / "place"
+    earlier = list_checkpoints(finished)[0]
+    assert train.main(args(moved, cache, "train.save_every=2", "--resume-from", str(earlier))) == 0
+    assert [r["step"] for r in read_metrics(moved / "metrics.jsonl")] == list(range(1, 13))
+    assert_same_run(moved, unbroken)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -128,62 +128,73 @@ def stopped(tmp_path, cache):
     ("data.max_length=130", "data.max_length (128 -> 130)"),
     ("train.lr=0.5", "train.lr (0.01 -> 0.5)"),
 ])
-def test_incompatible_config_is_refused(stopped, cache, change, message):
-    result = run(cmd(stopped, cache, change, "--resume"))
-    assert result.returncode == 2
-    assert f"error: cannot resume: the config differs from the checkpoint's in {message}" in result.stderr
+def test_incompatible_config_is_refused(finished, cache, change, message, capsys):
+    assert train.main(args(finished, cache, "train.save_every=2", change, "--resume")) == 2
+    assert f"error: cannot resume: the config differs from the checkpoint's in {message}" in capsys.readouterr().err
 
 
-def test_changed_data_is_refused_and_harmless_changes_are_listed(stopped, cache, tmp_path):
+def test_a_finished_run_is_not_resumed(finished, cache, capsys):
+    assert train.main(args(finished, cache, "train.save_every=2", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume: checkpoint" in err and "is at step 12, the run's last step is 12" in err
+
+
+def test_changed_data_is_refused_and_allowed_changes_are_listed(cache, tmp_path, capsys):
+    source = tmp_path / "fixture.json"
+    source.write_text(FIXTURE.read_text())
+    run = tmp_path / "run"
+    assert train.main(args(run, cache, "train.save_every=2", f"data.source={source}")) == 0
+    earliest = str(list_checkpoints(run)[0])
     data = json.loads(FIXTURE.read_text())
     data["data"][0]["paragraphs"][0]["qas"][0]["question"] += " 정확히"
-    # same path, other content: the config alone cannot tell
-    original = FIXTURE.read_text()
-    copy = tmp_path / "fixture.json"
-    copy.write_text(original)
-    base = run(cmd(stopped.parent / "b", cache, f"data.source={copy}", "train.save_every=2"))
-    assert base.returncode == 0, base.stderr
-    copy.write_text(json.dumps(data, ensure_ascii=False))
-    result = run(cmd(stopped.parent / "b", cache, f"data.source={copy}", "--resume"))
-    assert result.returncode == 2 and "the tokenized data differ" in result.stderr
-    copy.write_text(original)
-    result = run(cmd(stopped.parent / "b", cache, f"data.source={copy}", "log.progress=true",
-                     "model.checkpoint_layers=1", "--resume", str(list_checkpoints(stopped.parent / "b")[0])))
-    assert result.returncode == 0, result.stderr
-    assert "resume: allowed change train.save_every: 2 -> 0" in result.stdout
-    assert "resume: allowed change model.checkpoint_layers: None -> 1" in result.stdout
+    source.write_text(json.dumps(data, ensure_ascii=False))  # same path, other content: only the fingerprint tells
+    assert train.main(args(run, cache, "train.save_every=2", f"data.source={source}", "--resume-from", earliest)) == 2
+    assert "the tokenized data differ" in capsys.readouterr().err
+    source.write_text(FIXTURE.read_text())
+    assert train.main(args(run, cache, f"data.source={source}", "train.progress_bar=true",
+                           "model.recompute_layers=1", "--resume-from", earliest)) == 0
+    out = capsys.readouterr().out
+    assert "resume: allowed change train.save_every: 2 -> 0" in out
+    assert "resume: allowed change model.recompute_layers: None -> 1" in out
 
 
-def test_truncated_and_tampered_checkpoints_are_refused(stopped, cache):
-    latest = list_checkpoints(stopped)[-1]
+def test_truncated_and_tampered_checkpoints_are_refused(finished, cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    latest = list_checkpoints(run)[-1]
     optimizer = latest / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[:100])
-    result = run(cmd(stopped, cache, "--resume"))
-    assert result.returncode == 2
-    assert f"checkpoint {latest}: optimizer.pt does not match its checksum" in result.stderr
+    assert train.main(args(run, cache, "train.save_every=2", "--resume")) == 2
+    assert f"checkpoint {latest}: optimizer.pt does not match its checksum" in capsys.readouterr().err
 
     # a pickle that would run code, with a matching checksum: weights_only refuses it
     class Evil:
         def __reduce__(self):
             return (print, ("pwned",))
-    import hashlib
-    import pickle
     state = latest / "state.pt"
     torch.save({"x": Evil()}, state, pickle_protocol=pickle.HIGHEST_PROTOCOL)
     meta = json.loads((latest / "meta.json").read_text())
     meta["files"]["state.pt"] = hashlib.sha256(state.read_bytes()).hexdigest()
     meta["files"]["optimizer.pt"] = hashlib.sha256(optimizer.read_bytes()).hexdigest()
     (latest / "meta.json").write_text(json.dumps(meta))
-    result = run(cmd(stopped, cache, "--resume", str(latest)))
-    assert result.returncode == 2 and "cannot be loaded" in result.stderr
-    assert "pwned" not in result.stdout
+    assert train.main(args(run, cache, "train.save_every=2", "--resume-from", str(latest))) == 2
+    captured = capsys.readouterr()
+    assert "cannot be loaded" in captured.err and "pwned" not in captured.out
+
+    meta.pop("format")  # what a checkpoint of the version before the key renames holds
+    (latest / "meta.json").write_text(json.dumps(meta))
+    assert train.main(args(run, cache, "train.save_every=2", "--resume-from", str(latest))) == 2
+    assert "written by an earlier version of qlora-loop" in capsys.readouterr().err
 
 
-def test_non_finite_weights_are_never_saved(tmp_path, cache):
+def test_non_finite_weights_stop_the_run_without_a_checkpoint(tmp_path, cache, capsys):
     out = tmp_path / "run"
-    result = run(cmd(out, cache, "train.lr=1e30", "train.precision=fp32", "train.max_grad_norm=1e30",
-                     "train.save_every=1", "train.max_steps=5"))
-    assert result.returncode == 4
-    assert "not finite" in result.stderr and "stopping without saving" in result.stderr
+    code = train.main(args(out, cache, "train.lr=1e30", "train.precision=fp32", "train.max_grad_norm=1e30",
+                           "train.save_every=1", "train.max_steps=5"))
+    assert code == 4
+    err = capsys.readouterr().err
+    assert "not finite" in err and "stopping without saving a checkpoint" in err
+    assert not (out / "final").exists()
     for ckpt in list_checkpoints(out):
         assert all(torch.isfinite(t).all() for t in load_file(ckpt / "adapter_model.safetensors").values())
+    assert read_metrics(out / "metrics.jsonl")  # the steps before it stay, for the diagnosis
