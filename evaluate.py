@@ -19,6 +19,7 @@ from typing import Any
 from qlora.config import Config, load_config
 from qlora.data import Example, load_examples, select_examples
 from qlora.errors import UserError, run_cli
+from qlora.hub import offline_unless_reachable
 from qlora.korquad_metric import EXPECTED_VERSION, gold_answers, score
 
 # torch, transformers and peft load only where a model is used: --score and --help answer at once
@@ -154,6 +155,7 @@ def run(args: argparse.Namespace) -> None:
     if not (args.adapter or args.no_adapter):
         raise UserError("name the adapter with --adapter RUN/final, or pass --no-adapter")
     cfg = load_config(args.config, args.overrides)
+    offline_unless_reachable([cfg.model.name, cfg.model.arch, cfg.model.tokenizer, cfg.data.source, cfg.eval.source])
     if args.merge_to:
         merge(args, cfg)
         return

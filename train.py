@@ -23,6 +23,7 @@ from typing import Any
 from qlora.config import load_config
 from qlora.debug import PHASES, BreakAt, parse_break_at
 from qlora.errors import UserError, run_cli
+from qlora.hub import offline_unless_reachable
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> None:
     # 1. config: every problem reported before torch loads (a second, not ten)
     cfg = load_config(args.config, args.overrides)
     t = cfg.train
+    offline_unless_reachable([cfg.model.name, cfg.model.arch, cfg.model.tokenizer, cfg.data.source])
 
     # torch, transformers, peft and bitsandbytes load only now
     from qlora.batching import data_order, total_steps

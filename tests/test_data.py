@@ -107,6 +107,14 @@ def test_bad_data_files(tmp_path, content, message):
     assert str(path) in str(e.value)
 
 
+def test_a_bad_jsonl_line_is_named_by_its_line_in_the_file(tmp_path):
+    good = json.dumps({"id": "x", "question": "q", "context": "abc", "answers": [{"text": "a", "answer_start": 0}]})
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([good, "", good, good, '{"id": "y", "question": ', good]) + "\n")
+    with pytest.raises(UserError, match=rf"data file {path}, line 5: not valid JSON \(.* at column 25\)"):
+        load_examples(str(path))
+
+
 def test_missing_file_and_empty_selection(tmp_path, sp_tokenizer):
     with pytest.raises(UserError, match="data file not found: nope/x.json"):
         load_examples("nope/x.json")

@@ -7,15 +7,14 @@ import pytest
 import torch
 
 import train
-from qlora import loop
+from qlora import loop, plot
 from qlora.checkpoint import list_checkpoints
 from qlora.logs import read_metrics
 from qlora.memory import PHASES, startup_breakdown
-from qlora.plot import render
 from tests.conftest import TINY_YAML
 
 CUDA_FIELDS = ["allocated_gib", "reserved_gib", *[f"peak_{p}_gib" for p in PHASES], "peak_active_gib",
-               "alloc_retries", "ooms"]
+               "peak_reserved_gib", "alloc_retries", "ooms"]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +22,7 @@ def short_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mem") / "run"
     cache = tmp_path_factory.mktemp("cache")
     assert train.main(["--config", str(TINY_YAML), f"train.output_dir={out}", f"model.random_init_cache={cache}",
-                       "train.max_steps=6", "train.save_every=3", "log.progress=false", "--estimate-memory"]) == 0
+                       "train.max_steps=6", "train.save_every=3", "train.progress_bar=false", "--estimate-memory"]) == 0
     return out, cache
 
 
@@ -56,14 +55,6 @@ def test_breakdown_is_written_and_adds_up(short_run, tiny_model_factory):
     assert again["bytes"]["base_weights"] == saved["bytes"]["base_weights"]
 
 
-def test_estimate_is_printed_before_the_model_loads(tmp_path, capsys):
-    code = train.main(["--config", str(TINY_YAML), f"train.output_dir={tmp_path / 'run'}",
-                       "model.random_init_cache=/nonexistent/never-written", "--estimate-memory", "--inspect-data", "1"])
-    out = capsys.readouterr().out
-    assert code == 0 and "estimated peak allocated:" in out and "quantized_weights" in out
-    assert not (tmp_path / "run").exists()
-
-
 def test_oom_in_a_step_exits_3_with_the_knobs_and_keeps_checkpoints(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     calls = {"n": 0}
@@ -77,19 +68,21 @@ def test_oom_in_a_step_exits_3_with_the_knobs_and_keeps_checkpoints(tmp_path, mo
 
     monkeypatch.setattr(loop, "micro_batch_loss", failing)
     code = train.main(["--config", str(TINY_YAML), f"train.output_dir={out}", "train.max_steps=10",
-                       "train.save_every=2", "log.progress=false"])
+                       "train.save_every=2", "train.progress_bar=false"])
     err = capsys.readouterr().err
     assert code == 3
     assert "out of memory in step 5" in err and "train.batch_size" in err and "data.max_length" in err
     assert [p.name for p in list_checkpoints(out)] == ["step-00000002", "step-00000004"]
     assert train.main(["--config", str(TINY_YAML), f"train.output_dir={out}", "train.max_steps=10",
-                       "train.save_every=2", "log.progress=false", "--resume"]) == 3  # still failing
+                       "train.save_every=2", "train.progress_bar=false", "--resume"]) == 3  # still failing
     monkeypatch.setattr(loop, "micro_batch_loss", real)
     assert train.main(["--config", str(TINY_YAML), f"train.output_dir={out}", "train.max_steps=10",
-                       "train.save_every=2", "log.progress=false", "--resume"]) == 0
+                       "train.save_every=2", "train.progress_bar=false", "--resume"]) == 0
 
 
-def test_png_renders_from_a_run(short_run, tmp_path):
+def test_png_renders_from_a_run_into_a_new_folder(short_run, tmp_path, capsys):
     out, _ = short_run
-    png = render(out, tmp_path / "steps.png")
+    png = tmp_path / "plots" / "of" / "steps.png"
+    assert plot.main([str(out), "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert plot.main([str(tmp_path)]) == 2 and f"no metrics.jsonl in {tmp_path}" in capsys.readouterr().err
