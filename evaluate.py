@@ -58,8 +58,10 @@ def score_files(predictions_path: Path, data_path: Path) -> dict[str, Any]:
     if not isinstance(dataset, dict) or "data" not in dataset:
         raise UserError(f"data file {data_path}: expected KorQuAD's {{'version', 'data'}} layout")
     version = str(dataset.get("version", ""))
-    if not version.startswith(EXPECTED_VERSION):
+    if version.startswith("KorQuAD_v2"):  # HTML contexts and long answers: another metric
         raise UserError(f"data file {data_path} is version {version!r}; this scorer expects {EXPECTED_VERSION}")
+    if not version.startswith(EXPECTED_VERSION):  # as the official script: say so, score anyway
+        print(f"warning: data file {data_path} is version {version!r}, not {EXPECTED_VERSION}", file=sys.stderr)
     predictions = read_json(predictions_path, "predictions file")
     if not isinstance(predictions, dict) or not all(isinstance(v, str) for v in predictions.values()):
         raise UserError(f"predictions file {predictions_path}: expected {{question_id: answer text}}")

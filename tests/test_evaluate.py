@@ -1,8 +1,6 @@
 """The official KorQuAD metric, scoring files, train -> evaluate end to end, merged export."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import evaluate
 from qlora.korquad_metric import exact_match, f1, normalize_answer, score
-from tests.conftest import DEV_FILE, FIXTURE, ROOT, TINY_YAML
+from tests.conftest import DEV_FILE, FIXTURE, TINY_YAML
 
 
 @pytest.mark.parametrize("text, normalized", [
@@ -44,49 +42,62 @@ def test_score_takes_the_best_answer_and_counts_the_unanswered():
     assert result["f1"] == pytest.approx(100 * (1 + 2 * (5 / 6) / (5 / 6 + 1)) / 3)
 
 
-def score_cli(predictions, data):
-    return subprocess.run([sys.executable, "evaluate.py", "--score", str(predictions), "--data", str(data)],
-                          cwd=ROOT, capture_output=True, text=True)
+def score_cli(predictions, data, capsys):
+    """evaluate.py --score: (exit code, stdout, stderr)."""
+    code = evaluate.main(["--score", str(predictions), "--data", str(data)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 @pytest.mark.skipif(not DEV_FILE.exists(), reason="the official dev file is not on this machine")
-def test_scoring_a_predictions_file_for_the_official_dev_set(tmp_path):
+def test_scoring_a_predictions_file_for_the_official_dev_set(tmp_path, capsys):
     dataset = json.loads(DEV_FILE.read_text())
     qas = [qa for a in dataset["data"] for p in a["paragraphs"] for qa in p["qas"]]
     assert len(qas) == 5774
     perfect = tmp_path / "perfect.json"
     perfect.write_text(json.dumps({qa["id"]: qa["answers"][0]["text"] for qa in qas}, ensure_ascii=False))
-    result = score_cli(perfect, DEV_FILE)
-    assert result.returncode == 0
-    assert json.loads(result.stdout.splitlines()[-1]) == {"exact_match": 100.0, "f1": 100.0}
+    code, out, _ = score_cli(perfect, DEV_FILE, capsys)
+    assert code == 0
+    assert json.loads(out.splitlines()[-1]) == {"exact_match": 100.0, "f1": 100.0}
     # every other question unanswered, the rest with a particle appended: EM 0, F1 shrinks
     half = {qa["id"]: qa["answers"][0]["text"] + "에" for qa in qas[::2]}
     (tmp_path / "half.json").write_text(json.dumps(half, ensure_ascii=False))
-    result = score_cli(tmp_path / "half.json", DEV_FILE)
-    last = json.loads(result.stdout.splitlines()[-1])
+    code, out, _ = score_cli(tmp_path / "half.json", DEV_FILE, capsys)
+    last = json.loads(out.splitlines()[-1])
     expected_f1 = 100 * sum(f1(qa["answers"][0]["text"] + "에", qa["answers"][0]["text"]) for qa in qas[::2]) / 5774
     assert last["exact_match"] == 0.0 and last["f1"] == pytest.approx(expected_f1)
-    assert "unanswered 2887" in result.stdout
+    assert "unanswered 2887" in out
+
+
+def test_ids_the_data_file_lacks_are_ignored_as_the_official_script_does(tmp_path, capsys):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps({"version": "KorQuAD_v1.0", "data": json.loads(FIXTURE.read_text())["data"]}))
+    qas = [qa for a in json.loads(FIXTURE.read_text())["data"] for p in a["paragraphs"] for qa in p["qas"]]
+    predictions = {qa["id"]: qa["answers"][0]["text"] for qa in qas[:12]} | {"not-in-data": "x", "nor-this": "y"}
+    (tmp_path / "p.json").write_text(json.dumps(predictions, ensure_ascii=False))
+    code, out, err = score_cli(tmp_path / "p.json", data, capsys)
+    assert code == 0 and "warning: 2 ids of" in err and "are not in" in err
+    assert json.loads(out.splitlines()[-1]) == {"exact_match": 50.0, "f1": 50.0}
 
 
 @pytest.mark.parametrize("predictions, data_text, message", [
-    ('{"nope": "x"}', None, "1 ids not in"),
+    ('{"nope": "x"}', None, "none of its 1 ids is in"),
     ("{broken", None, "is not valid JSON"),
     ('["a list"]', None, "expected {question_id: answer text}"),
     ('{}', '{"version": "KorQuAD_v2.0", "data": []}', "is version 'KorQuAD_v2.0'; this scorer expects KorQuAD_v1.0"),
     ('{}', '{"version": "KorQuAD_v1.0", "data": [{"paragraphs": [{"qas": [{"id": 1}]}]}]}', "without field"),
 ])
-def test_bad_scoring_inputs_exit_2(tmp_path, predictions, data_text, message):
+def test_bad_scoring_inputs_exit_2(tmp_path, predictions, data_text, message, capsys):
     data = tmp_path / "data.json"
     data.write_text(data_text or json.dumps({"version": "KorQuAD_v1.0", "data": json.loads(FIXTURE.read_text())["data"]}))
     (tmp_path / "p.json").write_text(predictions)
-    result = score_cli(tmp_path / "p.json", data)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    code, _, err = score_cli(tmp_path / "p.json", data, capsys)
+    assert code == 2 and message in err
 
 
 def test_train_then_evaluate_end_to_end(tiny_run, capsys):
     out, cache = tiny_run
-    common = ["--config", str(TINY_YAML), f"model.random_init_cache={cache}", "log.progress=false"]
+    common = ["--config", str(TINY_YAML), f"model.random_init_cache={cache}", "train.progress_bar=false"]
     assert evaluate.main([*common, "--adapter", str(out / "final")]) == 0
     predictions = json.loads((out / "eval" / "predictions.json").read_text())
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
@@ -104,10 +115,19 @@ def test_train_then_evaluate_end_to_end(tiny_run, capsys):
     assert evaluate.main([*common, "--adapter", str(out / "final"), "--tutorial"]) == 0
     printed = capsys.readouterr().out
     assert "score: " in printed and printed.count("match: ") == 5
+    # the README's --score example: the fixture is KorQuAD's layout under its own version name
+    code, out_text, err = score_cli(out / "eval" / "predictions.json", FIXTURE, capsys)
+    assert code == 0 and "is version 'qlora_loop_tiny_v1', not KorQuAD_v1.0" in err
+    assert json.loads(out_text.splitlines()[-1])["exact_match"] == pytest.approx(metrics["exact_match"])
 
 
-def test_merged_model_gives_the_same_logits_as_base_plus_adapter(tiny_run, tmp_path):
+def test_merged_model_gives_the_same_logits_as_base_plus_adapter(tiny_run, tmp_path, capsys):
     out, cache = tiny_run
+    before = sorted(p.name for p in (out / "final").iterdir())
+    assert evaluate.main(["--config", str(TINY_YAML), f"model.random_init_cache={cache}", "--adapter",
+                          str(out / "final"), "--merge-to", str(out / "final")]) == 2
+    assert "is not an empty folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "final").iterdir()) == before
     merged_dir = tmp_path / "merged"
     assert evaluate.main(["--config", str(TINY_YAML), f"model.random_init_cache={cache}", "--adapter",
                           str(out / "final"), "--merge-to", str(merged_dir), "--merge-precision", "fp32"]) == 0
