@@ -308,7 +308,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--out", type=Path)
     p.add_argument("--only-last", action="store_true", help="ours: time only the variant with every lever")
-    p.add_argument("--skip", nargs="*", default=[], metavar="LEVER", help="ours: levers to leave out")
+    p.add_argument("--skip", action="append", default=[], metavar="LEVER",
+                   help="ours: a lever to leave out, by name (repeat for more)")
     args = p.parse_intermixed_args()
     if args.mode == "table":
         table([Path(x) for x in args.rest])

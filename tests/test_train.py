@@ -60,10 +60,13 @@ def test_adapter_loads_back_with_peft(tiny_run):
 def test_a_run_ends_with_a_summary(tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(["--config", str(TINY_YAML), f"train.output_dir={out}", "train.max_steps=3",
-                       f"model.random_init_cache={tmp_path / 'cache'}", "train.progress_bar=false"]) == 0
+                       f"model.random_init_cache={tmp_path / 'cache'}", "train.progress_bar=false",
+                       "--estimate-memory", "--memory-snapshot", "2"]) == 0
     printed = capsys.readouterr().out
     assert "done: step 3; 3 steps in " in printed and " tokens/s" in printed
     assert "memory: peak RSS " in printed
+    # the CUDA-only parts say so on a CPU
+    assert "(measured only on CUDA)" in printed and "--memory-snapshot records CUDA allocations" in printed
     assert f"metrics: {out / 'metrics.jsonl'}" in printed and f"adapter, tokenizer and config: {out / 'final'}" in printed
 
 
@@ -105,13 +108,15 @@ def test_dry_run_checks_everything_but_loads_no_model(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_help_and_config_errors_answer_before_torch_loads():
-    code = ("import sys, train\n"
+def test_help_config_errors_and_scoring_answer_before_torch_loads():
+    code = ("import sys, train, evaluate\n"
             "assert train.main(['--config', 'configs/tiny.yaml', 'train.lr=inf']) == 2\n"
+            "assert evaluate.main(['--score', 'missing.json', '--data', 'configs/tiny/korquad_tiny.json']) == 2\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "train.lr: must be a finite number, got inf" in result.stderr
+    assert "error: predictions file not found: missing.json" in result.stderr
     assert subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True,
                           timeout=120).returncode == 0
 
@@ -128,6 +133,20 @@ def test_user_mistakes_give_one_line_and_exit_2(tmp_path, override, message, cap
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and errors[0].startswith(message), errors
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_hub_is_noticed_at_once(tmp_path, monkeypatch, capsys):
+    """huggingface_hub would retry for about 50 s; the probe switches to the local cache instead."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    monkeypatch.setenv("HF_HUB_OFFLINE", "")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    code = train.main(["--config", str(TINY_YAML), "model.tokenizer=no-such-owner/no-such-model", "--dry-run",
+                       f"train.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "hub: 127.0.0.1 cannot be reached" in err
+    assert "error: cannot load tokenizer 'no-such-owner/no-such-model'" in err
 
 
 def test_mistakes_with_files_and_flags(tmp_path, capsys):
