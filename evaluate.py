@@ -34,6 +34,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     which.add_argument("--no-adapter", action="store_true", help="score the base model alone")
     p.add_argument("--limit", type=int, help="answer only the first N questions")
     p.add_argument("--out", type=Path, help="where predictions.json and metrics.json go")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation's files in --out")
     p.add_argument("--tutorial", action="store_true", help="the tutorial's 5-question substring check")
     p.add_argument("--merge-to", type=Path, metavar="DIR", help="merge the adapter into a standalone model")
     p.add_argument("--merge-precision", default="fp16", choices=["fp16", "bf16", "fp32"])
@@ -91,6 +92,7 @@ def answer_and_score(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     from qlora.generate import generate_answers
     from qlora.model import load_for_inference, load_tokenizer, resolve_device
 
+    out = None if args.tutorial else output_dir(args, cfg)  # checked before anything loads
     device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(cfg.model)
     if args.tutorial:  # the tutorial asks 5 questions of the data it trained on
@@ -106,7 +108,6 @@ def answer_and_score(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     if args.tutorial:
         return tutorial_report(examples, answers)
-    out = args.out or (args.adapter.parent / "eval" if args.adapter else Path(cfg.train.output_dir) / "eval-base")
     out.mkdir(parents=True, exist_ok=True)
     predictions = {qid: answer for qid, (answer, _) in answers.items()}
     (out / "predictions.json").write_text(json.dumps(predictions, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -116,6 +117,15 @@ def answer_and_score(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     print(f"wrote {out / 'predictions.json'} and {out / 'metrics.json'}")
     return metrics
+
+
+def output_dir(args: argparse.Namespace, cfg: Config) -> Path:
+    """--out, else RUN/eval beside the adapter (RUN/eval-base without one); an earlier evaluation
+    there is replaced only with --overwrite."""
+    out = args.out or (args.adapter.parent / "eval" if args.adapter else Path(cfg.train.output_dir) / "eval-base")
+    if (out / "predictions.json").exists() and not args.overwrite:
+        raise UserError(f"{out} already holds predictions.json (pass --overwrite to replace it, or --out DIR)")
+    return out
 
 
 def tutorial_report(examples: list[Example], answers: dict[str, tuple[str, str]]) -> dict[str, Any]:
@@ -157,7 +167,7 @@ def run(args: argparse.Namespace) -> None:
     if not (args.adapter or args.no_adapter):
         raise UserError("name the adapter with --adapter RUN/final, or pass --no-adapter")
     cfg = load_config(args.config, args.overrides)
-    offline_unless_reachable([cfg.model.name, cfg.model.arch, cfg.model.tokenizer, cfg.data.source, cfg.eval.source])
+    offline_unless_reachable(cfg)
     if args.merge_to:
         merge(args, cfg)
         return

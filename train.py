@@ -18,12 +18,22 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qlora.config import load_config
-from qlora.debug import PHASES, BreakAt, parse_break_at
+from qlora import use_expandable_segments
+from qlora.config import Config, load_config
+from qlora.debug import BREAK_PHASES, BreakAt, parse_break_at
 from qlora.errors import UserError, run_cli
 from qlora.hub import offline_unless_reachable
+
+use_expandable_segments()  # before torch touches CUDA: 11.7 instead of 16.1 GiB reserved at 2048 (README)
+
+if TYPE_CHECKING:  # names for the type hints only: the heavy modules load inside run()
+    import torch
+
+    from qlora.checkpoint import Start
+    from qlora.data import TokenizedData
+    from qlora.loop import FitResult
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -45,7 +55,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--memory-snapshot", type=int, default=0, metavar="N",
                    help="record CUDA allocations for the first N steps into <output_dir>/memory_snapshot.pickle")
     p.add_argument("--break-at", type=parse_break_at, metavar="STEP[:PHASE]",
-                   help=f"call breakpoint() in optimizer step STEP at PHASE ({', '.join(PHASES)}; default "
+                   help=f"call breakpoint() in optimizer step STEP at PHASE ({', '.join(BREAK_PHASES)}; default "
                         f"window); PYTHONBREAKPOINT picks the debugger")
     return p.parse_intermixed_args(argv)
 
@@ -54,30 +64,22 @@ def run(args: argparse.Namespace) -> None:
     # 1. config: every problem reported before torch loads (a second, not ten)
     cfg = load_config(args.config, args.overrides)
     t = cfg.train
-    offline_unless_reachable([cfg.model.name, cfg.model.arch, cfg.model.tokenizer, cfg.data.source])
+    offline_unless_reachable(cfg)
 
     # torch, transformers, peft and bitsandbytes load only now
     from qlora.batching import data_order, total_steps
     from qlora.checkpoint import data_fingerprint, open_run_dir, save_final
     from qlora.data import prepare_data
-    from qlora.estimate import estimate_for_config, format_estimate
     from qlora.logs import MetricsLog
     from qlora.loop import SavePlan, StepSettings, Watch, fit
-    from qlora.model import build_model, load_tokenizer, read_architecture, resolve_device, trainable_parameters
+    from qlora.model import build_model, load_tokenizer, resolve_device, trainable_parameters
     from qlora.optim import build_training_state
 
     # 2. data: tokenize, mask prompts, cut long contexts around the answer
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, t.seed)
-    # with --json, stdout holds only the JSON list
-    print("\n".join(data.report.lines()), file=sys.stderr if args.json else sys.stdout)
-    estimate = None
-    if args.estimate_memory:  # from config.json and the longest row: nothing is loaded
-        estimate = estimate_for_config(cfg, read_architecture(cfg.model),
-                                       seq=max(len(r.input_ids) for r in data.rows))
-        print(format_estimate(estimate))
+    estimate = report_data(args, cfg, data, tokenizer)
     if args.inspect_data is not None:
-        show_examples(data, tokenizer, args.inspect_data, args.json)
         return
     order = data_order(data.rows, cfg.data, t, tokenizer.pad_token_id)
     n_steps = total_steps(t, len(data.rows))
@@ -106,8 +108,7 @@ def run(args: argparse.Namespace) -> None:
     # 6. loop
     if args.memory_snapshot and device.type != "cuda":
         print("memory: --memory-snapshot records CUDA allocations; on the CPU nothing is recorded")
-    settings = StepSettings(precision=t.precision, max_grad_norm=t.max_grad_norm,
-                            supervised_logits_only=t.supervised_logits_only, break_at=args.break_at)
+    settings = StepSettings.of(t, args.break_at)
     saving = SavePlan(run_dir=run_dir, every=t.save_every, keep_last=t.keep_last, config=cfg,
                       data_fingerprint=fingerprint)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
@@ -122,7 +123,24 @@ def run(args: argparse.Namespace) -> None:
     print(summary(args, result, estimate, run_dir, final))
 
 
-def resume_point(args: argparse.Namespace, cfg: Any, fingerprint: str, n_steps: int, device: Any) -> Any:
+def report_data(args: argparse.Namespace, cfg: Config, data: TokenizedData, tokenizer: Any) -> dict[str, int] | None:
+    """The data report; with --estimate-memory the predicted peak (from config.json and the
+    longest row: nothing is loaded), which it returns; with --inspect-data the examples."""
+    from qlora.estimate import estimate_for_config, format_estimate
+    from qlora.model import read_architecture
+
+    print("\n".join(data.report.lines()), file=sys.stderr if args.json else sys.stdout)  # --json: stdout is JSON
+    estimate = None
+    if args.estimate_memory:
+        estimate = estimate_for_config(cfg, read_architecture(cfg.model), seq=max(len(r.input_ids) for r in data.rows))
+        print(format_estimate(estimate))
+    if args.inspect_data is not None:
+        show_examples(data, tokenizer, args.inspect_data, args.json)
+    return estimate
+
+
+def resume_point(args: argparse.Namespace, cfg: Config, fingerprint: str, n_steps: int,
+                 device: torch.device) -> Start:
     """Start() for a fresh run (whose output directory must not hold a run, unless --overwrite), or
     the checkpoint's Start, checked against this config and data."""
     from qlora.checkpoint import Start, check_compatible, check_output_dir, find_checkpoint, load_checkpoint
@@ -132,6 +150,8 @@ def resume_point(args: argparse.Namespace, cfg: Any, fingerprint: str, n_steps: 
         return Start()
     path = find_checkpoint(Path(cfg.train.output_dir), args.resume_from)
     ckpt = load_checkpoint(path, device)
+    if Path(cfg.train.output_dir).resolve() != path.resolve().parent.parent:
+        check_output_dir(cfg, overwrite=False)  # resumed into another folder: never over another run
     for line in check_compatible(cfg, ckpt, fingerprint):
         print(f"resume: allowed change {line}")
     if ckpt.step >= n_steps:
@@ -147,7 +167,7 @@ def check_break_at(break_at: BreakAt | None, done: int, n_steps: int) -> None:
                         f"({done + 1}-{n_steps})")
 
 
-def summary(args: argparse.Namespace, result: Any, estimate: dict[str, int] | None, run_dir: Path,
+def summary(args: argparse.Namespace, result: FitResult, estimate: dict[str, int] | None, run_dir: Path,
             final: Path | None) -> str:
     """What a run leaves behind, in a few lines: also printed without the progress bar."""
     lines = [f"done: step {result.step}; {result.steps_run} steps in {result.seconds:.1f} s, median "
@@ -171,7 +191,7 @@ def summary(args: argparse.Namespace, result: Any, estimate: dict[str, int] | No
     return "\n".join(lines)
 
 
-def show_examples(data: Any, tokenizer: Any, n: int, as_json: bool) -> None:
+def show_examples(data: TokenizedData, tokenizer: Any, n: int, as_json: bool) -> None:
     from qlora.data import inspect_rows
 
     rows = inspect_rows(data, tokenizer, n)

@@ -51,8 +51,9 @@ SHAPES = {"closed_book": ["data.format=closed_book", "data.max_length=512"],
           "extractive_1024": ["data.format=extractive", "data.max_length=1024"],
           "extractive_2048": ["data.format=extractive", "data.max_length=2048"]}
 # The tutorial's job, the same on both sides.
-JOB = ["model.random_init=true", "train.precision=bf16", "train.batch_size=4", "train.grad_accum=4",
-       "train.lr=2e-4", "train.optimizer=paged_adamw_8bit", "model.recompute_activations=true"]
+JOB = ["model.random_init=true", "model.cudnn_attention=true", "model.upcast_non_quantized=true",
+       "train.precision=bf16", "train.batch_size=4", "train.grad_accum=4", "train.lr=2e-4",
+       "train.optimizer=paged_adamw_8bit", "model.recompute_activations=true"]
 LEVERS = [  # (name, config overrides added to the previous variant's)
     ("plain", ["data.group_by_length=false", "train.supervised_logits_only=false",
                "model.upcast_non_quantized=true", "model.cudnn_attention=true", "model.attn_implementation=sdpa",
@@ -99,8 +100,7 @@ def summary(tokens: int, seconds: float, steps: int, params: int, device: torch.
 def run_steps(model: Any, cfg: Config, order: DataOrder, device: torch.device, steps: int) -> list[dict[str, float]]:
     """Optimizer steps 1..steps of train.py's train_step: the loss, real tokens and wall time of each."""
     state = build_training_state(model, cfg.train, steps, device)
-    settings = StepSettings(precision=cfg.train.precision, max_grad_norm=cfg.train.max_grad_norm,
-                            supervised_logits_only=cfg.train.supervised_logits_only)
+    settings = StepSettings.of(cfg.train)
     meter, out = MemoryMeter(device), []
     for step in range(1, steps + 1):
         synchronize(device)
@@ -308,7 +308,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--out", type=Path)
     p.add_argument("--only-last", action="store_true", help="ours: time only the variant with every lever")
-    p.add_argument("--skip", action="append", default=[], metavar="LEVER",
+    p.add_argument("--skip", action="append", default=[], choices=[name for name, _ in LEVERS[1:]],
                    help="ours: a lever to leave out, by name (repeat for more)")
     args = p.parse_intermixed_args()
     if args.mode == "table":

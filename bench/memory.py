@@ -1,7 +1,7 @@
 """Peak memory of one training step at fixed shapes, beside the estimate (issue: memory audit).
 
 Loads the model once (random_init in the given config), then for each max length and with and
-without gradient checkpointing runs two optimizer steps on a batch of the longest KorQuAD rows cut
+without activation recompute runs two optimizer steps on a batch of the longest KorQuAD rows cut
 to exactly that length, and records peak allocated and reserved memory.
 
     python bench/memory.py --config configs/llama2-7b-korquad.yaml model.random_init=true \
@@ -17,6 +17,7 @@ import datetime
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from qlora import use_expandable_segments
 
@@ -25,8 +26,8 @@ use_expandable_segments()  # before torch touches CUDA
 import torch  # noqa: E402
 
 from qlora.batching import collate  # noqa: E402
-from qlora.config import load_config  # noqa: E402
-from qlora.data import encode_example, load_examples  # noqa: E402
+from qlora.config import Config, load_config  # noqa: E402
+from qlora.data import Encoded, encode_example, load_examples  # noqa: E402
 from qlora.estimate import estimate_for_config  # noqa: E402
 from qlora.loop import StepSettings, train_step  # noqa: E402
 from qlora.memory import GIB, MemoryMeter, step_peak_gib  # noqa: E402
@@ -34,20 +35,19 @@ from qlora.model import apply_levers, build_model, load_tokenizer, read_architec
 from qlora.optim import build_training_state  # noqa: E402
 
 
-def longest_rows(cfg, tokenizer, length: int, batch: int):
+def longest_rows(cfg: Config, tokenizer: Any, length: int, batch: int) -> list[Encoded]:
     """The `batch` examples with the longest contexts, encoded at max length `length`."""
     examples = sorted(load_examples(cfg.data.source), key=lambda e: -len(e.context))
     rows = [r for r in (encode_example(e, tokenizer, "extractive", length) for e in examples[:batch * 4]) if r]
     return rows[:batch]
 
 
-def measure(model, cfg, device, batch) -> dict[str, float]:
+def measure(model: Any, cfg: Config, device: torch.device, batch: dict[str, Any]) -> dict[str, float]:
     """Peak allocated (per phase, the largest) and reserved memory over two optimizer steps of
     train.py's train_step on `batch`, with cfg's levers applied to the loaded model."""
     apply_levers(model, cfg.model, cfg.train.precision)
     state = build_training_state(model, cfg.train, 10, device)
-    settings = StepSettings(precision=cfg.train.precision, max_grad_norm=cfg.train.max_grad_norm,
-                            supervised_logits_only=cfg.train.supervised_logits_only)
+    settings = StepSettings.of(cfg.train)
     meter = MemoryMeter(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)

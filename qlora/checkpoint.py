@@ -65,8 +65,9 @@ def check_output_dir(cfg: Config, overwrite: bool) -> None:
 def open_run_dir(cfg: Config, overwrite: bool, start: "Start") -> Path:
     """The output directory, ready for the loop, with the resolved config written into it.
     Fresh run: the previous run's files are removed when `overwrite` (nothing else is).
-    Resumed run: metrics.jsonl is cut back to the checkpoint's step; resumed into another
-    directory, it starts from the checkpoint's run's metrics up to that step."""
+    Resumed run: metrics.jsonl is cut back to the checkpoint's step (resumed into another
+    directory, it starts from the checkpoint's run's metrics up to that step), and checkpoints of
+    later steps, which belong to the abandoned steps, are removed."""
     run_dir = Path(cfg.train.output_dir)
     if start.checkpoint is None:
         check_output_dir(cfg, overwrite)
@@ -83,6 +84,10 @@ def open_run_dir(cfg: Config, overwrite: bool, start: "Start") -> Path:
         lines = earlier.read_text(encoding="utf-8").splitlines() if earlier.exists() else []
         metrics.write_text("".join(line + "\n" for line in lines
                                    if line.strip() and json.loads(line)["step"] <= start.step), encoding="utf-8")
+        for later in list_checkpoints(run_dir):
+            if int(later.name.removeprefix("step-")) > start.step:  # else --resume and keep_last would see them
+                print(f"resume: removed {later}, a checkpoint of the steps after {start.step}")
+                shutil.rmtree(later)
     return run_dir
 
 
@@ -184,7 +189,8 @@ def check_compatible(cfg: Config, ckpt: Checkpoint, data_fingerprint: str) -> li
     differences so the caller can list them."""
     before, now = _flat(ckpt.config), _flat(cfg.to_dict())
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    fatal = [k for k in changed if k not in resume_safe_keys()]
+    safe = resume_safe_keys()
+    fatal = [k for k in changed if k not in safe]
     if fatal:
         raise UserError("cannot resume: the config differs from the checkpoint's in " + ", ".join(
             f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in fatal))

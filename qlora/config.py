@@ -91,7 +91,7 @@ class DataConfig:
     format: Literal["closed_book", "extractive"] = key(
         "extractive", "closed_book: the question alone (the tutorial); extractive: context + question.")
     max_length: int = key(512, "Tokens per example, prompt + answer + EOS. Only the context is ever cut to fit.",
-                          lowers_peak=" lower")
+                          lowers_peak="lower")
     limit: int | None = key(None, "Keep the first N examples after de-duplication and shuffling (null: all).")
     shuffle: bool = key(False, "Shuffle (with train.seed) before taking limit.")
     dedup_questions: bool = key(False, "Keep only the first example of each question text (the tutorial does).")
@@ -103,7 +103,7 @@ class DataConfig:
         None, "Tokens per packed row, one row per micro-batch (null: train.batch_size x max_length, the "
               "tokens of one unpacked micro-batch). Pair packing with model.attn_implementation=varlen: SDPA "
               "computes a packed row's block-diagonal attention densely.", resume_safe=True,
-        lowers_peak=" lower (with data.packing)")
+        lowers_peak="lower (with data.packing)")
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class TrainConfig:
     output_dir: str = key(doc="The run directory: config, metrics, checkpoints, final adapter.", resume_safe=True)
     seed: int = key(42, "Seeds the adapters' initial weights, the data order and dropout.")
     batch_size: int = key(4, "Examples per micro-batch.",
-                          lowers_peak=" lower (raise train.grad_accum to keep the examples per step)")
+                          lowers_peak="lower (raise train.grad_accum to keep the examples per step)")
     grad_accum: int = key(4, "Micro-batches per optimizer step.")
     epochs: int = key(1, "Passes over the data (unless max_steps is set).")
     max_steps: int | None = key(None, "Optimizer steps; when set it replaces epochs (the data order cycles).")
@@ -181,17 +181,24 @@ def resume_safe_keys() -> set[str]:
 
 def peak_lowering_hints() -> str:
     """The keys that lower the memory peak and which way to turn them, as one line."""
-    return ", ".join(name + f.metadata["lowers_peak"] for name, f in key_fields().items() if f.metadata["lowers_peak"])
+    return ", ".join(_lowering(name, f.metadata["lowers_peak"]) for name, f in key_fields().items()
+                     if f.metadata["lowers_peak"])
+
+
+def _lowering(name: str, hint: str) -> str:
+    """"model.recompute_activations=true", "train.batch_size lower (...)"."""
+    return f"{name}{hint}" if hint.startswith("=") else f"{name} {hint}"
 
 
 def describe_keys() -> str:
     """Every key with its type, default and facts: what `python -m qlora.config` prints."""
     lines = []
     for name, f in key_fields().items():
-        default = "(required)" if f.default is _REQUIRED else yaml.safe_dump(_plain(f.default), default_flow_style=True).strip().removesuffix("...").strip()
+        default = ("(required)" if f.default is _REQUIRED else
+                   yaml.safe_dump(_plain(f.default), default_flow_style=True).removesuffix("...\n").strip())
         flags = [flag for flag, on in (("may change on resume", f.metadata["resume_safe"]),
-                                       (f"lowers the peak: {name}{f.metadata['lowers_peak']}", f.metadata["lowers_peak"]))
-                 if on]
+                                       ("lowers the peak: " + _lowering(name, f.metadata["lowers_peak"] or ""),
+                                        f.metadata["lowers_peak"])) if on]
         lines.append(f"{name}: {default}" + (f"  [{'; '.join(flags)}]" if flags else ""))
         lines.append(f"    {f.metadata['doc']}")
     return "\n".join(lines)
@@ -258,10 +265,11 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             continue
         sections[name] = _build_section(name, cls, values, problems)
     for name in raw:
-        if name not in sections:
-            moved = [f"{name}.{k}: {RENAMED[f'{name}.{k}']}" for k in raw[name] or {} if f"{name}.{k}" in RENAMED]
-            problems.append("; ".join(moved) if moved else
-                            f"{name}: unknown section (allowed: {', '.join(_sections())})")
+        if name in _sections():
+            continue
+        keys = raw[name] if isinstance(raw[name], dict) else {}
+        moved = [f"{name}.{k}: {RENAMED[f'{name}.{k}']}" for k in keys if f"{name}.{k}" in RENAMED]
+        problems.append("; ".join(moved) if moved else f"{name}: unknown section (allowed: {', '.join(_sections())})")
     if not problems:
         cfg = Config(**sections)
         problems.extend(check_values(cfg))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Phase = Literal["window", "optimizer", "end"]
-PHASES: tuple[Phase, ...] = ("window", "optimizer", "end")
+BREAK_PHASES: tuple[Phase, ...] = ("window", "optimizer", "end")
 """window: the step's micro-batches collated, no forward yet, gradients empty;
 optimizer: every micro-batch's backward done, gradients accumulated and still loss-scaled;
 end: the optimizer stepped and the loss read."""
@@ -26,7 +26,7 @@ def parse_break_at(text: str) -> BreakAt:
     """argparse type of --break-at: "5" (phase window) or "5:optimizer"."""
     step, _, phase = text.partition(":")
     phase = phase or "window"
-    if not step.isdigit() or int(step) < 1 or phase not in PHASES:
+    if not step.isdigit() or int(step) < 1 or phase not in BREAK_PHASES:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected STEP[:PHASE] with STEP >= 1 and PHASE one of {', '.join(PHASES)}")
+            f"{text!r}: expected STEP[:PHASE] with STEP >= 1 and PHASE one of {', '.join(BREAK_PHASES)}")
     return BreakAt(int(step), phase)

@@ -12,21 +12,32 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from qlora.config import Config
+
 PROBE_TIMEOUT_S = 3.0
+TRUE = {"1", "ON", "YES", "TRUE"}  # how huggingface_hub reads HF_HUB_OFFLINE
+PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 def is_hub_id(source: str | None) -> bool:
-    """"owner/name" that is not a local path."""
-    return bool(source) and source.count("/") == 1 and not source.startswith((".", "/")) and not Path(source).exists()
+    """"owner/name" that is neither a local path nor a data file's name."""
+    return (bool(source) and source.count("/") == 1 and not source.startswith((".", "/"))
+            and Path(source).suffix not in (".json", ".jsonl") and not Path(source).exists())
 
 
-def offline_unless_reachable(sources: list[str | None]) -> None:
-    """Probe the hub's endpoint when one of `sources` is a hub id; unreachable: offline mode."""
-    if os.environ.get("HF_HUB_OFFLINE") or not any(is_hub_id(s) for s in sources):
+def offline_unless_reachable(cfg: Config) -> None:
+    """Probe the hub's endpoint when the config names a hub id; unreachable: offline mode. Behind
+    a proxy (which a plain socket would bypass) the probe is left to huggingface_hub itself."""
+    sources = [cfg.model.name, cfg.model.arch, cfg.model.tokenizer, cfg.data.source, cfg.eval.source]
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in TRUE
+    if offline or any(os.environ.get(p) for p in PROXIES) or not any(is_hub_id(s) for s in sources):
         return
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    if not endpoint.hostname:
+        return
     try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=PROBE_TIMEOUT_S).close()
+        port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+        socket.create_connection((endpoint.hostname, port), timeout=PROBE_TIMEOUT_S).close()
     except OSError as e:
         print(f"hub: {endpoint.hostname} cannot be reached ({e.strerror or e}); using only files already "
               f"in the local cache (HF_HUB_OFFLINE=1)", file=sys.stderr)

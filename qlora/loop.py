@@ -28,7 +28,7 @@ from tqdm import tqdm
 from qlora.attention import VARLEN, sequence_bounds
 from qlora.batching import DataOrder
 from qlora.checkpoint import Start, save_checkpoint
-from qlora.config import Config, peak_lowering_hints
+from qlora.config import Config, TrainConfig, peak_lowering_hints
 from qlora.data import IGNORE
 from qlora.debug import BreakAt, Phase
 from qlora.errors import UserError
@@ -56,6 +56,11 @@ class StepSettings:
     supervised_logits_only: bool
     break_at: BreakAt | None = None
     """Where train_step calls breakpoint() (qlora/debug.py)."""
+
+    @staticmethod
+    def of(train: TrainConfig, break_at: BreakAt | None = None) -> "StepSettings":
+        return StepSettings(precision=train.precision, max_grad_norm=train.max_grad_norm,
+                            supervised_logits_only=train.supervised_logits_only, break_at=break_at)
 
     def stops_at(self, step: int, phase: Phase) -> bool:
         return self.break_at == BreakAt(step, phase)

@@ -53,9 +53,7 @@ def load_base_model(cfg: ModelConfig, precision: str, device: torch.device, seed
     """from_pretrained with the 4-bit NF4 BitsAndBytesConfig (plain `precision` weights when not
     `quantized`: evaluation with eval.quantized=false, merging). The model is in eval mode."""
     compute_dtype = DTYPES[precision]
-    if cfg.attn_implementation == VARLEN:
-        register_varlen()
-    torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)  # process-wide: every later SDPA call
+    prepare_attention(cfg)
     path = random_init_weights(cfg, seed, device) if cfg.random_init else cfg.name
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
                                bnb_4bit_use_double_quant=cfg.double_quant,
@@ -95,9 +93,7 @@ def apply_levers(model: PeftModel, cfg: ModelConfig, precision: str) -> None:
     recompute, compute-dtype norms, compiled layers. build_model calls it once; bench/compare_trl.py
     calls it again on one loaded model as it turns the levers on one after another. Compute-dtype
     norms and compiled layers are one-way."""
-    torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)  # process-wide: every later SDPA call
-    if cfg.attn_implementation == VARLEN:
-        register_varlen()
+    prepare_attention(cfg)
     model.get_base_model().set_attn_implementation(cfg.attn_implementation)
     if cfg.recompute_activations:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -108,6 +104,14 @@ def apply_levers(model: PeftModel, cfg: ModelConfig, precision: str) -> None:
         cast_frozen_fp32(model, DTYPES[precision])
     if cfg.compile_layers:
         compile_decoder_layers(model)
+
+
+def prepare_attention(cfg: ModelConfig) -> None:
+    """Make "varlen" known to transformers, and pick whether SDPA may use cuDNN (process-wide:
+    every later SDPA call follows it)."""
+    if cfg.attn_implementation == VARLEN:
+        register_varlen()
+    torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)
 
 
 def compile_decoder_layers(model: torch.nn.Module) -> None:

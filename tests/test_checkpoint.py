@@ -114,7 +114,7 @@ def test_sigterm_saves_and_resumes(tmp_path, cache, unbroken, capsys):
     assert_same_run(out, unbroken)
 
 
-def test_resume_into_another_output_dir_carries_the_metrics(tmp_path, cache, finished, unbroken):
+def test_resume_into_another_output_dir_carries_the_metrics(tmp_path, cache, finished, unbroken, capsys):
     """train.output_dir is an allowed change: the resumed run writes there, its metrics.jsonl
     starting from the checkpoint run's lines up to the checkpoint's step."""
     moved = tmp_path / "new" / "place"
@@ -122,6 +122,21 @@ def test_resume_into_another_output_dir_carries_the_metrics(tmp_path, cache, fin
     assert train.main(args(moved, cache, "train.save_every=2", "--resume-from", str(earlier))) == 0
     assert [r["step"] for r in read_metrics(moved / "metrics.jsonl")] == list(range(1, 13))
     assert_same_run(moved, unbroken)
+    # into a folder that holds another run: refused, that run untouched
+    before = (unbroken / "metrics.jsonl").read_text()
+    assert train.main(args(unbroken, cache, "train.save_every=2", "--resume-from", str(earlier))) == 2
+    assert f"output directory {unbroken} already holds a run" in capsys.readouterr().err
+    assert (unbroken / "metrics.jsonl").read_text() == before
+
+
+def test_resume_from_an_earlier_checkpoint_drops_the_later_ones(finished, cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    earlier, later = list_checkpoints(run)
+    assert train.main(args(run, cache, "train.save_every=0", "train.max_steps=12", "--resume-from", str(earlier))) == 0
+    assert f"resume: removed {later}" in capsys.readouterr().out
+    assert [p.name for p in list_checkpoints(run)] == [earlier.name, "step-00000012"]
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 13))
 
 
 @pytest.mark.parametrize("change, message", [

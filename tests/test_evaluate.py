@@ -1,6 +1,7 @@
 """The official KorQuAD metric, scoring files, train -> evaluate end to end, merged export."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -95,28 +96,36 @@ def test_bad_scoring_inputs_exit_2(tmp_path, predictions, data_text, message, ca
     assert code == 2 and message in err
 
 
-def test_train_then_evaluate_end_to_end(tiny_run, capsys):
+def test_train_then_evaluate_end_to_end(tiny_run, tmp_path, capsys):
     out, cache = tiny_run
+    run = tmp_path / "run"  # a copy: the shared run stays as training left it
+    shutil.copytree(out / "final", run / "final")
     common = ["--config", str(TINY_YAML), f"model.random_init_cache={cache}", "train.progress_bar=false"]
-    assert evaluate.main([*common, "--adapter", str(out / "final")]) == 0
-    predictions = json.loads((out / "eval" / "predictions.json").read_text())
-    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert evaluate.main([*common, "--adapter", str(run / "final")]) == 0
+    predictions = json.loads((run / "eval" / "predictions.json").read_text())
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
     ids = [qa["id"] for a in json.loads(FIXTURE.read_text())["data"] for p in a["paragraphs"] for qa in p["qas"]]
     assert sorted(predictions) == sorted(ids)
     assert metrics["exact_match"] >= 90 and metrics["questions"] == 24
+    # an earlier evaluation is replaced only when asked
+    capsys.readouterr()
+    assert evaluate.main([*common, "--adapter", str(run / "final")]) == 2
+    assert f"{run / 'eval'} already holds predictions.json (pass --overwrite" in capsys.readouterr().err
+    assert evaluate.main([*common, "--adapter", str(run / "final"), "--overwrite", "--limit", "3"]) == 0
+    assert len(json.loads((run / "eval" / "predictions.json").read_text())) == 3
     # a config that trains with varlen attention generates through SDPA (left padding): same answers
-    assert evaluate.main([*common, "model.attn_implementation=varlen", "--adapter", str(out / "final"),
-                          "--out", str(out / "varlen")]) == 0
-    assert json.loads((out / "varlen" / "predictions.json").read_text()) == predictions
-    assert evaluate.main([*common, "--no-adapter", "--out", str(out / "base")]) == 0
-    base = json.loads((out / "base" / "metrics.json").read_text())
+    assert evaluate.main([*common, "model.attn_implementation=varlen", "--adapter", str(run / "final"),
+                          "--out", str(run / "varlen")]) == 0
+    assert json.loads((run / "varlen" / "predictions.json").read_text()) == predictions
+    assert evaluate.main([*common, "--no-adapter", "--out", str(run / "base")]) == 0
+    base = json.loads((run / "base" / "metrics.json").read_text())
     assert base["exact_match"] < 10  # a random model knows nothing; the adapter learned the answers
     capsys.readouterr()
-    assert evaluate.main([*common, "--adapter", str(out / "final"), "--tutorial"]) == 0
+    assert evaluate.main([*common, "--adapter", str(run / "final"), "--tutorial"]) == 0
     printed = capsys.readouterr().out
     assert "score: " in printed and printed.count("match: ") == 5
     # the README's --score example: the fixture is KorQuAD's layout under its own version name
-    code, out_text, err = score_cli(out / "eval" / "predictions.json", FIXTURE, capsys)
+    code, out_text, err = score_cli(run / "varlen" / "predictions.json", FIXTURE, capsys)
     assert code == 0 and "is version 'qlora_loop_tiny_v1', not KorQuAD_v1.0" in err
     assert json.loads(out_text.splitlines()[-1])["exact_match"] == pytest.approx(metrics["exact_match"])
 

@@ -142,10 +142,15 @@ def test_an_unreachable_hub_is_noticed_at_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
     monkeypatch.setenv("HF_HUB_OFFLINE", "")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    if "datasets.config" in sys.modules:
+        monkeypatch.setattr(sys.modules["datasets.config"], "HF_HUB_OFFLINE", sys.modules["datasets.config"].HF_HUB_OFFLINE)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
     code = train.main(["--config", str(TINY_YAML), "model.tokenizer=no-such-owner/no-such-model", "--dry-run",
                        f"train.output_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2 and "hub: 127.0.0.1 cannot be reached" in err
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True  # so no request was retried
     assert "error: cannot load tokenizer 'no-such-owner/no-such-model'" in err
 
 
