@@ -42,7 +42,7 @@ from qlora.batching import DataOrder, data_order  # noqa: E402
 from qlora.config import Config, load_config  # noqa: E402
 from qlora.data import IGNORE, prepare_data  # noqa: E402
 from qlora.loop import StepSettings, micro_batch_loss, train_step  # noqa: E402
-from qlora.memory import GIB, MemoryMeter  # noqa: E402
+from qlora.memory import GIB, MemoryMeter, step_peak_gib  # noqa: E402
 from qlora.model import apply_levers, build_model, load_base_model, load_tokenizer, read_architecture, resolve_device  # noqa: E402
 from qlora.optim import build_training_state  # noqa: E402
 
@@ -89,16 +89,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def summary(tokens: int, seconds: float, steps: int, params: int, device: torch.device) -> dict[str, float]:
-    cuda = device.type == "cuda"
+def summary(tokens: int, seconds: float, steps: int, params: int, peak_allocated_gib: float | None,
+            peak_reserved_gib: float | None) -> dict[str, float | None]:
+    """MFU both ways: 6N per token (the hardware's work with full recompute counted as a forward)
+    and 4N (the model's work for a frozen base: forward + input gradients, no weight gradients)."""
     return {"tokens_per_s": tokens / seconds, "s_per_step": seconds / steps,
             "mfu": 6 * params * tokens / seconds / H100_BF16_DENSE,
-            "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB if cuda else None,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB if cuda else None}
+            "mfu_4n": 4 * params * tokens / seconds / H100_BF16_DENSE,
+            "peak_allocated_gib": peak_allocated_gib, "peak_reserved_gib": peak_reserved_gib}
 
 
 def run_steps(model: Any, cfg: Config, order: DataOrder, device: torch.device, steps: int) -> list[dict[str, float]]:
-    """Optimizer steps 1..steps of train.py's train_step: the loss, real tokens and wall time of each."""
+    """Optimizer steps 1..steps of train.py's train_step: the loss, real tokens, wall time and memory
+    record of each."""
     state = build_training_state(model, cfg.train, steps, device)
     settings = StepSettings.of(cfg.train)
     meter, out = MemoryMeter(device), []
@@ -108,7 +111,7 @@ def run_steps(model: Any, cfg: Config, order: DataOrder, device: torch.device, s
         _, batches = order.batches(step - 1)
         result = train_step(model, batches, state, settings, device, meter, step)  # reads the loss: a sync point
         out.append({"loss": result.loss, "tokens": sum(b["n_tokens"] for b in batches),
-                    "seconds": time.perf_counter() - t0})
+                    "seconds": time.perf_counter() - t0, "mem": meter.step_record()})
     return out
 
 
@@ -143,8 +146,11 @@ def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_las
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         timed = run_steps(model, variant, order, device, steps + 1)[1:]  # step 1 warms up (and compiles)
-        row = {"side": "ours", "variant": name, **summary(sum(s["tokens"] for s in timed),
-                                                          sum(s["seconds"] for s in timed), steps, params, device)}
+        peaks = [s["mem"] for s in timed]  # the meter's, per phase: the allocator's own peak is reset by it
+        row = {"side": "ours", "variant": name, **summary(
+            sum(s["tokens"] for s in timed), sum(s["seconds"] for s in timed), steps, params,
+            max(filter(None, (step_peak_gib(m) for m in peaks)), default=None),
+            max(filter(None, (m["peak_reserved_gib"] for m in peaks)), default=None))}
         if check is not None:
             row["step0_loss_relative_to_sdpa"] = check
         if variant.model.compile_layers:
@@ -246,7 +252,11 @@ def run_trl(config: str, shape: str, overrides: list[str], steps: int) -> list[d
         trainer.train()
     per_step = cfg.train.grad_accum
     tokens = sum(trainer.token_counts[per_step:per_step * (steps + 1)])  # step 0 warms up
-    row = {"side": "trl", "variant": "SFTTrainer", **summary(tokens, sum(clock.times[1:]), steps, n_params(cfg), device)}
+    cuda = device.type == "cuda"
+    row = {"side": "trl", "variant": "SFTTrainer", **summary(
+        tokens, sum(clock.times[1:]), steps, n_params(cfg),
+        torch.cuda.max_memory_allocated(device) / GIB if cuda else None,
+        torch.cuda.max_memory_reserved(device) / GIB if cuda else None)}
     print(json.dumps(row), flush=True)
     return [row]
 
@@ -287,8 +297,8 @@ def run_parity(config: str, shape: str, overrides: list[str], steps: int) -> lis
 def table(paths: list[Path]) -> None:
     runs = [json.loads(p.read_text()) for p in paths]
     trl = {r["shape"]: r["results"][0] for r in runs if r["mode"] == "trl"}
-    print("| shape | side / lever | tokens/s | s/step | peak alloc GiB | peak reserved GiB | MFU | vs TRL tokens/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | side / lever | tokens/s | s/step | peak alloc GiB | peak reserved GiB | MFU 6N | MFU 4N | vs TRL tokens/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for run in sorted((r for r in runs if r["mode"] in ("ours", "trl")), key=lambda r: (r["shape"], r["mode"] == "ours")):
         for row in run["results"]:
             ref = trl.get(run["shape"])
@@ -296,7 +306,7 @@ def table(paths: list[Path]) -> None:
             gib = lambda key: "-" if row[key] is None else f"{row[key]:.2f}"  # noqa: E731 (None on a CPU)
             print(f"| {run['shape']} | {row['side']}: {row['variant']} | {row['tokens_per_s']:,.0f} | "
                   f"{row['s_per_step']:.2f} | {gib('peak_allocated_gib')} | {gib('peak_reserved_gib')} | "
-                  f"{100 * row['mfu']:.1f}% | {ratio} |")
+                  f"{100 * row['mfu']:.1f}% | {100 * 4 / 6 * row['mfu']:.1f}% | {ratio} |")  # files before mfu_4n
 
 
 def main() -> None:
