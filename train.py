@@ -72,8 +72,14 @@ def run(args: argparse.Namespace) -> None:
     from qlora.data import prepare_data
     from qlora.logs import MetricsLog
     from qlora.loop import SavePlan, StepSettings, Watch, fit
-    from qlora.model import build_model, load_tokenizer, resolve_device, trainable_parameters
+    from qlora import distributed
+    from qlora.model import build_model, load_tokenizer, trainable_parameters
     from qlora.optim import build_training_state
+
+    # one process, or one of torchrun's: its rank and device (rank 0 alone prints and writes files)
+    world, device = distributed.init(t.device)
+    if args.break_at and world.size > 1:
+        raise UserError("--break-at stops one process in the debugger: run train.py without torchrun")
 
     # 2. data: tokenize, mask prompts, cut long contexts around the answer
     tokenizer = load_tokenizer(cfg.model)
@@ -86,12 +92,11 @@ def run(args: argparse.Namespace) -> None:
     fingerprint = data_fingerprint(data.rows)
 
     # 3. resume point: a fresh start, or a checkpoint checked against this config and data
-    device = resolve_device(t.device)
-    start = resume_point(args, cfg, fingerprint, n_steps, device)
+    start = resume_point(args, cfg, fingerprint, n_steps, device, world.size)
     check_break_at(args.break_at, start.step, n_steps)
     if args.dry_run:
         print(f"dry run: steps {start.step + 1}-{n_steps} of {t.batch_size} x {t.grad_accum} examples on "
-              f"{device}, into {t.output_dir}; no model loaded, nothing written")
+              f"{world.size} x {device.type}, into {t.output_dir}; no model loaded, nothing written")
         return
 
     # 4. model: 4-bit base + fp32 LoRA adapters, in train mode
@@ -102,25 +107,28 @@ def run(args: argparse.Namespace) -> None:
     # 5. training state: optimizer, schedule, loss scaling (from a checkpoint: restored last, so
     #    its RNG states are the loop's)
     state = build_training_state(model, t, n_steps, device)
-    run_dir = open_run_dir(cfg, args.overwrite, start)
+    run_dir = open_run_dir(cfg, args.overwrite, start) if world.is_main else Path(t.output_dir)
+    distributed.barrier(world)
     start.restore(model, state)
+    trained = distributed.wrap(model, world, device)  # DDP over the adapters on several ranks
 
     # 6. loop
     if args.memory_snapshot and device.type != "cuda":
         print("memory: --memory-snapshot records CUDA allocations; on the CPU nothing is recorded")
-    settings = StepSettings.of(t, args.break_at)
+    settings = StepSettings.of(t, args.break_at, world)
     saving = SavePlan(run_dir=run_dir, every=t.save_every, keep_last=t.keep_last, config=cfg,
-                      data_fingerprint=fingerprint)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+                      data_fingerprint=fingerprint, writes=world.is_main)
+    metrics = MetricsLog(run_dir / "metrics.jsonl" if world.is_main else None)
     try:
-        result = fit(model, order, state, settings, device, n_steps, metrics, saving, start,
-                     Watch(progress_bar=t.progress_bar, memory_snapshot_steps=args.memory_snapshot))
+        result = fit(trained, order, state, settings, device, n_steps, metrics, saving, start,
+                     Watch(progress_bar=t.progress_bar and world.is_main, memory_snapshot_steps=args.memory_snapshot))
     finally:
         metrics.close()
 
     # 7. save
-    final = None if result.interrupted else save_final(model, tokenizer, cfg, run_dir)
+    final = None if result.interrupted or not world.is_main else save_final(model, tokenizer, cfg, run_dir)
     print(summary(args, result, estimate, run_dir, final))
+    distributed.finish(world)
 
 
 def report_data(args: argparse.Namespace, cfg: Config, data: TokenizedData, tokenizer: Any) -> dict[str, int] | None:
@@ -140,7 +148,7 @@ def report_data(args: argparse.Namespace, cfg: Config, data: TokenizedData, toke
 
 
 def resume_point(args: argparse.Namespace, cfg: Config, fingerprint: str, n_steps: int,
-                 device: torch.device) -> Start:
+                 device: torch.device, world_size: int) -> Start:
     """Start() for a fresh run (whose output directory must not hold a run, unless --overwrite), or
     the checkpoint's Start, checked against this config and data."""
     from qlora.checkpoint import Start, check_compatible, check_output_dir, find_checkpoint, load_checkpoint
@@ -154,6 +162,8 @@ def resume_point(args: argparse.Namespace, cfg: Config, fingerprint: str, n_step
         check_output_dir(cfg, overwrite=False)  # resumed into another folder: never over another run
     for line in check_compatible(cfg, ckpt, fingerprint):
         print(f"resume: allowed change {line}")
+    if ckpt.world_size != world_size:  # the same examples per step and gradient on any number of ranks
+        print(f"resume: allowed change world size: {ckpt.world_size} -> {world_size}")
     if ckpt.step >= n_steps:
         raise UserError(f"nothing to resume: checkpoint {path} is at step {ckpt.step}, the run's last step "
                         f"is {n_steps} (its adapter is in {Path(cfg.train.output_dir) / 'final'})")

@@ -81,11 +81,16 @@ class DataOrder:
         return epoch, [[self.rows[i] for i in batch] for batch in chosen]
 
     def batches(self, step: int) -> tuple[int, list[dict[str, torch.Tensor]]]:
-        """(epoch, collated micro-batches) of optimizer step `step`."""
+        """(epoch, collated micro-batches) of optimizer step `step` (0-based). Each carries the seed
+        of its dropout masks, so they do not depend on which process runs it, or after what."""
         epoch, micro = self.window(step)
         if self.pack_to is None:
-            return epoch, [collate(b, self.pad_id) for b in micro]
-        return epoch, [collate_packed(group) for group in pack([r for b in micro for r in b], self.pack_to)]
+            collated = [collate(b, self.pad_id) for b in micro]
+        else:
+            collated = [collate_packed(group) for group in pack([r for b in micro for r in b], self.pack_to)]
+        for i, batch in enumerate(collated):
+            batch["dropout_seed"] = (self.seed * 1_000_003 + step) * 1_009 + i
+        return epoch, collated
 
 
 def data_order(rows: list[Encoded], data: DataConfig, train: TrainConfig, pad_id: int) -> DataOrder:

@@ -104,7 +104,7 @@ def save_final(model: Any, tokenizer: Any, cfg: Config, run_dir: Path) -> Path:
 # ---------------------------------------------------------------- checkpoints
 
 def save_checkpoint(run_dir: Path, step: int, model: Any, state: TrainingState, cfg: Config,
-                    data_fingerprint: str, totals: dict[str, Any], keep_last: int) -> Path:
+                    data_fingerprint: str, totals: dict[str, Any], keep_last: int, world_size: int = 1) -> Path:
     """Adapter, optimizer (8-bit states included), scheduler, GradScaler, RNG states, step and
     the config, as checkpoints/step-N. Returns its path; older ones beyond `keep_last` are removed."""
     root = run_dir / CHECKPOINTS
@@ -119,7 +119,7 @@ def save_checkpoint(run_dir: Path, step: int, model: Any, state: TrainingState, 
     write_config(cfg, tmp)
     files = {p.name: sha256(p) for p in tmp.iterdir()}
     (tmp / META).write_text(json.dumps({"format": FORMAT, "step": step, "data_fingerprint": data_fingerprint,
-                                        "files": files}))
+                                        "world_size": world_size, "files": files}))
     for path in tmp.iterdir():
         fsync(path)
     fsync(tmp)
@@ -141,6 +141,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 class Checkpoint:
     path: Path
     step: int
+    world_size: int
+    """How many processes wrote it (any number may resume it)."""
     data_fingerprint: str
     config: dict[str, Any]
     adapter: dict[str, torch.Tensor]
@@ -173,7 +175,7 @@ def load_checkpoint(path: Path, device: torch.device) -> Checkpoint:
             if sha256(path / name) != digest:
                 raise UserError(f"checkpoint {path}: {name} does not match its checksum (truncated or changed)")
         return Checkpoint(
-            path=path, step=meta["step"], data_fingerprint=meta["data_fingerprint"],
+            path=path, step=meta["step"], world_size=meta["world_size"], data_fingerprint=meta["data_fingerprint"],
             config=yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")),
             adapter=load_file(path / ADAPTER, device=str(device)),
             optimizer=torch.load(path / OPTIMIZER, map_location=device, weights_only=True),

@@ -9,16 +9,20 @@ from typing import Any
 
 
 class MetricsLog:
-    def __init__(self, path: Path):
+    """Appends to `path`; with None (a rank other than 0) it writes nothing."""
+
+    def __init__(self, path: Path | None):
         self.path = path
-        self._file = path.open("a", encoding="utf-8")
+        self._file = path.open("a", encoding="utf-8") if path else None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
+        if self._file:
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file:
+            self._file.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -31,6 +31,8 @@ from qlora.checkpoint import Start, save_checkpoint
 from qlora.config import Config, TrainConfig, peak_lowering_hints
 from qlora.data import IGNORE
 from qlora.debug import BreakAt, Phase
+from qlora.distributed import (World, any_rank, barrier, gather_to_main, share, sum_over_ranks, sync_gradients,
+                               unwrap)
 from qlora.errors import UserError
 from qlora.logs import MetricsLog
 from qlora.memory import (MemoryMeter, dump_history, format_breakdown, memory_line, start_history,
@@ -56,11 +58,13 @@ class StepSettings:
     supervised_logits_only: bool
     break_at: BreakAt | None = None
     """Where train_step calls breakpoint() (qlora/debug.py)."""
+    world: World = World()
+    """The processes that share each step (qlora/distributed.py); one by default."""
 
     @staticmethod
-    def of(train: TrainConfig, break_at: BreakAt | None = None) -> "StepSettings":
+    def of(train: TrainConfig, break_at: BreakAt | None = None, world: World = World()) -> "StepSettings":
         return StepSettings(precision=train.precision, max_grad_norm=train.max_grad_norm,
-                            supervised_logits_only=train.supervised_logits_only, break_at=break_at)
+                            supervised_logits_only=train.supervised_logits_only, break_at=break_at, world=world)
 
     def stops_at(self, step: int, phase: Phase) -> bool:
         return self.break_at == BreakAt(step, phase)
@@ -82,7 +86,7 @@ def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], pre
     for name in ("attention_mask", "position_ids"):  # padded rows have the one, packed rows the other
         if name in batch:
             kwargs[name] = batch[name].to(device, non_blocking=True)
-    if model.config._attn_implementation == VARLEN:
+    if unwrap(model).config._attn_implementation == VARLEN:
         # sequence boundaries computed here on the CPU, so the 32 layers x 3 passes need no sync
         kwargs.update({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                        for k, v in sequence_bounds(batch).items()})
@@ -95,20 +99,27 @@ def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], pre
 
 def accumulate_gradients(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
                          scaler: torch.amp.GradScaler, precision: str, device: torch.device,
-                         supervised_logits_only: bool, meter: MemoryMeter) -> torch.Tensor:
-    """Forward and backward over one accumulation window; returns the window's mean token loss
-    (a device tensor: reading it is a sync point, left to the caller).
+                         supervised_logits_only: bool, meter: MemoryMeter, window_tokens: int | None = None,
+                         world_size: int = 1) -> torch.Tensor:
+    """Forward and backward over one accumulation window (this rank's share of it); returns the
+    window's mean token loss over these micro-batches (a device tensor: reading it is a sync point,
+    left to the caller).
 
-    Each micro-batch's summed loss is divided by the supervised tokens of the *whole window*, so the
-    accumulated gradient equals that of one batch holding every row (not a mean of per-batch means,
-    which over-weights tokens of short batches: transformers PR 34191)."""
-    window_tokens = sum(b["n_supervised"] for b in batches)
+    Each micro-batch's summed loss is divided by the supervised tokens of the *whole window*
+    (`window_tokens`, all ranks' micro-batches; default: these), so the accumulated gradient equals
+    that of one batch holding every row (not a mean of per-batch means, which over-weights tokens of
+    short batches: transformers PR 34191). DDP averages over ranks, so the backward runs on the loss
+    times the world size: the average of the ranks' sums is the sum."""
+    window_tokens = window_tokens or sum(b["n_supervised"] for b in batches)
     total = torch.zeros((), device=device)
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        if "dropout_seed" in batch:  # the masks follow the micro-batch, not the rank that runs it
+            torch.manual_seed(batch["dropout_seed"])
         with meter.phase("forward"):
-            loss = micro_batch_loss(model, batch, precision, device, supervised_logits_only) / window_tokens
-        with meter.phase("backward"):
-            scaler.scale(loss).backward()  # frees this micro-batch's activations
+            loss = (micro_batch_loss(model, batch, precision, device, supervised_logits_only)
+                    * batch.get("weight", 1.0) / window_tokens)
+        with meter.phase("backward"), sync_gradients(model, last=i == len(batches) - 1):
+            scaler.scale(loss * world_size).backward()  # frees this micro-batch's activations
         total += loss.detach()
     return total
 
@@ -118,7 +129,7 @@ def optimizer_step(model: torch.nn.Module, state: TrainingState, max_grad_norm: 
     whether GradScaler skipped the step because a gradient was inf/nan)."""
     scaler = state.scaler
     scaler.unscale_(state.optimizer)  # grads back to true scale, so clipping sees real norms
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]  # after DDP's all-reduce: the same on every rank
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))  # sync point
     scale_before = scaler.get_scale()
     scaler.step(state.optimizer)  # no-op when unscale_ found inf/nan
@@ -139,17 +150,20 @@ class StepResult:
 
 def train_step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], state: TrainingState,
                settings: StepSettings, device: torch.device, meter: MemoryMeter, step: int) -> StepResult:
-    """Optimizer step `step` (1-based) over its micro-batches. In scope at each breakpoint():
-    model, batches, state (optimizer, scheduler, scaler), settings, device, meter; see the README."""
+    """Optimizer step `step` (1-based) over the step's micro-batches (this rank runs its share). In
+    scope at each breakpoint(): model, batches, state (optimizer, scheduler, scaler), settings,
+    device, meter; see the README."""
     if settings.stops_at(step, "window"):
         breakpoint()  # --break-at STEP:window
-    loss_t = accumulate_gradients(model, batches, state.scaler, settings.precision, device,
-                                  settings.supervised_logits_only, meter)
+    world = settings.world
+    loss_t = accumulate_gradients(model, share(batches, world), state.scaler, settings.precision, device,
+                                  settings.supervised_logits_only, meter,
+                                  window_tokens=sum(b["n_supervised"] for b in batches), world_size=world.size)
     if settings.stops_at(step, "optimizer"):
         breakpoint()  # --break-at STEP:optimizer
     with meter.phase("optimizer"):
         grad_norm, skipped = optimizer_step(model, state, settings.max_grad_norm)
-    loss = float(loss_t)  # sync point: once per optimizer step
+    loss = float(sum_over_ranks(loss_t, world))  # sync point: once per optimizer step
     if not skipped and not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise Diverged(f"step {step}: loss {loss} / grad norm {grad_norm} is not finite and no "
                        f"GradScaler skipped it; stopping without saving a checkpoint")
@@ -160,12 +174,14 @@ def train_step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], s
 
 @dataclass(frozen=True)
 class SavePlan:
-    """Where and when training state is saved (checkpoints/step-N)."""
+    """Where and when training state is saved (checkpoints/step-N), and by whom."""
     run_dir: Path
     every: int
     keep_last: int
     config: Config
     data_fingerprint: str
+    writes: bool = True
+    """This process writes the run's files (global rank 0); the others wait for each checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -222,8 +238,9 @@ def fit(model: torch.nn.Module, order: DataOrder, state: TrainingState, settings
         device: torch.device, total_steps: int, metrics: MetricsLog, saving: SavePlan, start: Start,
         watch: Watch) -> FitResult:
     """Optimizer steps start.step+1 .. total_steps, one metrics line each; checkpoints every
-    `saving.every` steps, at the end, and when a stop signal arrives."""
-    totals = dict(start.totals)
+    `saving.every` steps, at the end, and when a stop signal arrives (on any rank: all stop at the
+    same step)."""
+    totals, world = dict(start.totals), settings.world
     meter = MemoryMeter(device)
     checkpoint, speeds, peak, reserved = None, [], None, None
     recording = start_history(watch.memory_snapshot_steps, device)
@@ -236,7 +253,7 @@ def fit(model: torch.nn.Module, order: DataOrder, state: TrainingState, settings
                 record = timed_step(model, order, state, settings, device, step, totals, meter)
             except torch.OutOfMemoryError:
                 raise OutOfMemory(oom_report(step, device)) from None
-            metrics.write(record)
+            write_record(record, metrics, world)
             speeds.append(record["tokens_per_s"])
             step_peak = step_peak_gib(record["mem"])
             peak = max(filter(None, (peak, step_peak)), default=None)
@@ -244,22 +261,44 @@ def fit(model: torch.nn.Module, order: DataOrder, state: TrainingState, settings
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                             tok_s=f"{record['tokens_per_s']:.0f}", **peak_postfix(record, step_peak))
             if step == start.step + 1:  # optimizer states exist only after the first step
-                breakdown = startup_breakdown(model, state.optimizer, device)
+                breakdown = startup_breakdown(unwrap(model), state.optimizer, device)
                 tqdm.write(format_breakdown(breakdown))
-                write_breakdown(breakdown, saving.run_dir)
+                if saving.writes:
+                    write_breakdown(breakdown, saving.run_dir)
             if recording and step - start.step == watch.memory_snapshot_steps:
-                dump_history(saving.run_dir / "memory_snapshot.pickle")
+                dump_history(saving.run_dir / f"memory_snapshot{'' if world.is_main else f'.rank{world.rank}'}.pickle")
                 recording = False
-            if (saving.every and step % saving.every == 0) or step == total_steps or stop.received:
-                check_adapter_finite(model, step)  # never write non-finite weights
-                checkpoint = save_checkpoint(saving.run_dir, step, model, state, saving.config,
-                                             saving.data_fingerprint, totals, saving.keep_last)
-            if stop.received or step == total_steps:
+            stopping = any_rank(stop.received is not None, world, device)  # a sync point across ranks
+            if (saving.every and step % saving.every == 0) or step == total_steps or stopping:
+                checkpoint = save(model, state, saving, step, totals, world)
+            if stopping or step == total_steps:
                 return FitResult(step=step, steps_run=len(speeds), seconds=time.perf_counter() - began,
                                  median_tokens_per_s=statistics.median(speeds), checkpoint=checkpoint,
-                                 interrupted=stop.received, peak_gib=peak, peak_reserved_gib=reserved,
-                                 peak_rss_gib=record["mem"]["peak_rss_gib"])
+                                 interrupted=(stop.received or "a stop signal to another rank") if stopping else None,
+                                 peak_gib=peak, peak_reserved_gib=reserved, peak_rss_gib=record["mem"]["peak_rss_gib"])
     raise AssertionError("unreachable: fit returns at the last step")
+
+
+def write_record(record: dict[str, Any], metrics: MetricsLog, world: World) -> None:
+    """One metrics line, by rank 0; with several ranks it carries every rank's memory peaks."""
+    if world.size > 1:
+        mems = gather_to_main(record["mem"], world)  # a sync point across ranks
+        record["ranks"] = mems and [{"rank": r, "peak_gib": step_peak_gib(m), "peak_reserved_gib": m["peak_reserved_gib"],
+                                     "peak_rss_gib": m["peak_rss_gib"]} for r, m in enumerate(mems)]
+    metrics.write(record)
+
+
+def save(model: torch.nn.Module, state: TrainingState, saving: SavePlan, step: int, totals: dict[str, Any],
+         world: World) -> Path:
+    """Rank 0 writes the checkpoint (the adapters and optimizer states are the same on every rank);
+    every rank waits until it is complete."""
+    check_adapter_finite(model, step)  # never write non-finite weights
+    path = saving.run_dir / "checkpoints" / f"step-{step:08d}"
+    if saving.writes:
+        path = save_checkpoint(saving.run_dir, step, unwrap(model), state, saving.config, saving.data_fingerprint,
+                               totals, saving.keep_last, world_size=world.size)
+    barrier(world)
+    return path
 
 
 def peak_postfix(record: dict[str, Any], peak: float | None) -> dict[str, str]:
@@ -284,7 +323,8 @@ def timed_step(model: torch.nn.Module, order: DataOrder, state: TrainingState, s
     totals["skipped_total"] += result.skipped
     totals["elapsed_s"] += seconds
     tokens = sum(b["n_tokens"] for b in batches)
-    return {"step": step, "epoch": epoch, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+    return {"step": step, "epoch": epoch, "world_size": settings.world.size, "loss": result.loss, "lr": lr,
+            "grad_norm": result.grad_norm,
             "loss_scale": state.scaler.get_scale() if state.scaler.is_enabled() else None,
             "skipped": result.skipped, "skipped_total": totals["skipped_total"], "tokens": tokens,
             "supervised_tokens": sum(b["n_supervised"] for b in batches),

@@ -16,7 +16,7 @@ import train
 from qlora.logs import read_metrics
 from tests.conftest import ROOT, TINY_YAML
 
-METRIC_KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "loss_scale", "skipped", "skipped_total", "tokens",
+METRIC_KEYS = {"step", "epoch", "world_size", "loss", "lr", "grad_norm", "loss_scale", "skipped", "skipped_total", "tokens",
                "supervised_tokens", "tokens_per_s", "step_s", "elapsed_s", "mem"}
 
 
@@ -104,7 +104,7 @@ def test_dry_run_checks_everything_but_loads_no_model(tmp_path, capsys):
                        "--estimate-memory", "model.random_init_cache=/nonexistent/never-written"])
     printed = capsys.readouterr().out
     assert code == 0 and "estimated peak allocated:" in printed and "quantized_weights" in printed
-    assert "dry run: steps 1-120 of 4 x 2 examples on cpu" in printed
+    assert "dry run: steps 1-120 of 4 x 2 examples on 1 x cpu" in printed
     assert not (tmp_path / "run").exists()
 
 

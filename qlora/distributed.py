@@ -1,0 +1,137 @@
+"""Many processes, one run: data parallelism on torch.distributed and DistributedDataParallel.
+
+    torchrun --nproc-per-node 4 train.py --config C       # NCCL on GPUs, gloo on CPUs
+
+Every rank loads the 4-bit model on its own device (cuda:LOCAL_RANK) and trains a copy of the
+LoRA adapters; DDP averages the adapters' gradients. An optimizer step is the config's, whatever
+the world size: every rank collates the step's micro-batches from the same deterministic data
+order, takes its share of them (`share`), and divides its summed loss by the supervised tokens of
+the *whole* step, times the world size (DDP averages; the step needs the sum). So 1, 2 or 4
+processes compute the same gradient, up to the order of floating-point sums.
+
+Global rank 0 owns the run's files and the printed output; every rank's errors reach stderr.
+One process without torchrun is world size 1: no process group, no DDP, nothing changes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, ContextManager
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from qlora.data import IGNORE
+from qlora.errors import UserError
+from qlora.model import resolve_device
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: writes the run's files and prints."""
+        return self.rank == 0
+
+
+def init(device_name: str) -> tuple[World, torch.device]:
+    """The world torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK) and this rank's device; joins
+    the process group when there is more than one process. Non-main ranks print nothing."""
+    world = World(rank=int(os.environ.get("RANK", 0)), size=int(os.environ.get("WORLD_SIZE", 1)),
+                  local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    device = resolve_device(device_name)
+    if world.size == 1:
+        return world, device
+    if device_name.startswith("cuda:"):
+        raise UserError(f"train.device={device_name} under torchrun: each rank takes cuda:LOCAL_RANK; "
+                        f"use train.device=auto or cuda")
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    if not world.is_main:
+        sys.stdout = open(os.devnull, "w")  # one place for rank-0-only output; errors go to stderr
+    return world, device
+
+
+def finish(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
+    """DDP over the trainable (LoRA) weights when there are several ranks; the model itself else.
+    Every rank builds the same model from the same seed, so nothing is broadcast at the start."""
+    if world.size == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False, init_sync=False)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def sync_gradients(model: torch.nn.Module, last: bool) -> ContextManager[Any]:
+    """Within an accumulation window DDP all-reduces only at the last micro-batch's backward."""
+    return nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
+
+
+def share(batches: list[dict[str, Any]], world: World) -> list[dict[str, Any]]:
+    """This rank's micro-batches of a step: whole micro-batches, longest first to the rank with the
+    fewest tokens so far, in their original order. A rank left without one gets `idle_batch()`."""
+    if world.size == 1:
+        return batches
+    load, owner = [0] * world.size, {}
+    for i in sorted(range(len(batches)), key=lambda i: (-batches[i]["n_tokens"], i)):
+        rank = min(range(world.size), key=lambda r: (load[r], r))
+        owner[i], load[rank] = rank, load[rank] + batches[i]["n_tokens"]
+    mine = [b for i, b in enumerate(batches) if owner[i] == world.rank]
+    return mine or [idle_batch()]
+
+
+def idle_batch() -> dict[str, Any]:
+    """Two tokens with one label, weighted 0 by the loop: a rank with no rows still runs one
+    forward and backward, so it joins the gradient all-reduce with zeros."""
+    return {"input_ids": torch.zeros((1, 2), dtype=torch.long), "labels": torch.tensor([[IGNORE, 0]]),
+            "attention_mask": torch.ones((1, 2), dtype=torch.long), "n_tokens": 0, "n_supervised": 0,
+            "weight": 0.0}
+
+
+def sum_over_ranks(value: torch.Tensor, world: World) -> torch.Tensor:
+    """All-reduce SUM (a sync point); the value itself on one process."""
+    if world.size > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def any_rank(flag: bool, world: World, device: torch.device) -> bool:
+    """True when `flag` is set on any rank (a sync point): ranks stop at the same step."""
+    if world.size == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_to_main(value: Any, world: World) -> list[Any] | None:
+    """Every rank's `value` on rank 0 (None elsewhere); [value] on one process."""
+    if world.size == 1:
+        return [value]
+    out = [None] * world.size if world.is_main else None
+    dist.gather_object(value, out, dst=0)
+    return out
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
