@@ -6,8 +6,8 @@ Every rank loads the 4-bit model on its own device (cuda:LOCAL_RANK) and trains 
 LoRA adapters; DDP averages the adapters' gradients. An optimizer step is the config's, whatever
 the world size: every rank collates the step's micro-batches from the same deterministic data
 order, takes its share of them (`share`), and divides its summed loss by the supervised tokens of
-the *whole* step, times the world size (DDP averages; the step needs the sum). So 1, 2 or 4
-processes compute the same gradient, up to the order of floating-point sums.
+the *whole* step; DDP then sums the ranks' gradients (`sum_gradients`, instead of its default
+mean). So 1, 2 or 4 processes compute the same gradient, up to the order of floating-point sums.
 
 Global rank 0 owns the run's files and the printed output; every rank's errors reach stderr.
 One process without torchrun is world size 1: no process group, no DDP, nothing changes.
@@ -73,8 +73,17 @@ def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn
     Every rank builds the same model from the same seed, so nothing is broadcast at the start."""
     if world.size == 1:
         return model
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False, init_sync=False)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  broadcast_buffers=False, init_sync=False)
+    ddp.register_comm_hook(None, sum_gradients)
+    return ddp
+
+
+def sum_gradients(state, bucket):  # no hints: DDP checks them, and this module's are strings
+    """DDP's all-reduce of a dist.GradBucket without its division by the world size: each rank's
+    loss is already a share of the whole step's, so the step's gradient is the sum. (Scaling the
+    loss by the world size instead would push fp16 gradients towards overflow.)"""
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -99,8 +99,8 @@ def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], pre
 
 def accumulate_gradients(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
                          scaler: torch.amp.GradScaler, precision: str, device: torch.device,
-                         supervised_logits_only: bool, meter: MemoryMeter, window_tokens: int | None = None,
-                         world_size: int = 1) -> torch.Tensor:
+                         supervised_logits_only: bool, meter: MemoryMeter,
+                         window_tokens: int | None = None) -> torch.Tensor:
     """Forward and backward over one accumulation window (this rank's share of it); returns the
     window's mean token loss over these micro-batches (a device tensor: reading it is a sync point,
     left to the caller).
@@ -108,8 +108,8 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[dict[str, torch.T
     Each micro-batch's summed loss is divided by the supervised tokens of the *whole window*
     (`window_tokens`, all ranks' micro-batches; default: these), so the accumulated gradient equals
     that of one batch holding every row (not a mean of per-batch means, which over-weights tokens of
-    short batches: transformers PR 34191). DDP averages over ranks, so the backward runs on the loss
-    times the world size: the average of the ranks' sums is the sum."""
+    short batches: transformers PR 34191). With several ranks DDP sums their gradients at the last
+    micro-batch's backward (qlora/distributed.py)."""
     window_tokens = window_tokens or sum(b["n_supervised"] for b in batches)
     total = torch.zeros((), device=device)
     for i, batch in enumerate(batches):
@@ -119,7 +119,7 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[dict[str, torch.T
             loss = (micro_batch_loss(model, batch, precision, device, supervised_logits_only)
                     * batch.get("weight", 1.0) / window_tokens)
         with meter.phase("backward"), sync_gradients(model, last=i == len(batches) - 1):
-            scaler.scale(loss * world_size).backward()  # frees this micro-batch's activations
+            scaler.scale(loss).backward()  # frees this micro-batch's activations
         total += loss.detach()
     return total
 
@@ -158,7 +158,7 @@ def train_step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], s
     world = settings.world
     loss_t = accumulate_gradients(model, share(batches, world), state.scaler, settings.precision, device,
                                   settings.supervised_logits_only, meter,
-                                  window_tokens=sum(b["n_supervised"] for b in batches), world_size=world.size)
+                                  window_tokens=sum(b["n_supervised"] for b in batches))
     if settings.stops_at(step, "optimizer"):
         breakpoint()  # --break-at STEP:optimizer
     with meter.phase("optimizer"):
