@@ -45,6 +45,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                        help="replace the run in the output directory (its other files are kept)")
     start.add_argument("--resume", action="store_true", help="continue from the output directory's latest checkpoint")
     start.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory")
+    start.add_argument("--auto-resume", action="store_true",
+                       help="continue from the latest checkpoint if there is one, else start: the command "
+                            "torchrun --max-restarts repeats after a worker died")
     p.add_argument("--dry-run", action="store_true",
                    help="check config, data and output directory (or checkpoint), print the plan, load no model")
     p.add_argument("--inspect-data", type=int, metavar="N",
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> None:
     # 5. training state: optimizer, schedule, loss scaling (from a checkpoint: restored last, so
     #    its RNG states are the loop's)
     state = build_training_state(model, t, n_steps, device)
-    run_dir = open_run_dir(cfg, args.overwrite, start) if world.is_main else Path(t.output_dir)
+    run_dir = open_run_dir(cfg, start) if world.is_main else Path(t.output_dir)
     distributed.barrier(world)
     start.restore(model, state)
     trained = distributed.wrap(model, world, device)  # DDP over the adapters on several ranks
@@ -127,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
 
     # 7. save
     final = None if result.interrupted or not world.is_main else save_final(model, tokenizer, cfg, run_dir)
-    print(summary(args, result, estimate, run_dir, final))
+    print(summary(args, result, estimate, run_dir, final, world.size))
     distributed.finish(world)
 
 
@@ -151,11 +154,17 @@ def resume_point(args: argparse.Namespace, cfg: Config, fingerprint: str, n_step
                  device: torch.device, world_size: int) -> Start:
     """Start() for a fresh run (whose output directory must not hold a run, unless --overwrite), or
     the checkpoint's Start, checked against this config and data."""
-    from qlora.checkpoint import Start, check_compatible, check_output_dir, find_checkpoint, load_checkpoint
+    from qlora.checkpoint import (Start, check_compatible, check_output_dir, find_checkpoint, holds_run_of,
+                                  list_checkpoints, load_checkpoint)
 
-    if not (args.resume or args.resume_from):
+    run_dir = Path(cfg.train.output_dir)
+    if args.auto_resume and not list_checkpoints(run_dir):
+        # the first launch, or a restart before the first checkpoint: that run's own files may go
+        check_output_dir(cfg, overwrite=holds_run_of(cfg, run_dir))
+        return Start(replace_run=True)
+    if not (args.resume or args.resume_from or args.auto_resume):
         check_output_dir(cfg, args.overwrite)
-        return Start()
+        return Start(replace_run=args.overwrite)
     path = find_checkpoint(Path(cfg.train.output_dir), args.resume_from)
     ckpt = load_checkpoint(path, device)
     if Path(cfg.train.output_dir).resolve() != path.resolve().parent.parent:
@@ -178,7 +187,7 @@ def check_break_at(break_at: BreakAt | None, done: int, n_steps: int) -> None:
 
 
 def summary(args: argparse.Namespace, result: FitResult, estimate: dict[str, int] | None, run_dir: Path,
-            final: Path | None) -> str:
+            final: Path | None, world_size: int) -> str:
     """What a run leaves behind, in a few lines: also printed without the progress bar."""
     lines = [f"done: step {result.step}; {result.steps_run} steps in {result.seconds:.1f} s, median "
              f"{result.median_tokens_per_s:,.0f} tokens/s"]
@@ -196,7 +205,8 @@ def summary(args: argparse.Namespace, result: FitResult, estimate: dict[str, int
     if final is not None:
         lines.append(f"adapter, tokenizer and config: {final}")
     else:
-        command = shlex.join(["python", "train.py", "--config", args.config, *args.overrides, "--resume"])
+        launcher = ["torchrun", f"--nproc-per-node={world_size}"] if world_size > 1 else ["python"]
+        command = shlex.join([*launcher, "train.py", "--config", args.config, *args.overrides, "--resume"])
         lines.append(f"{result.interrupted}: stopped after step {result.step}\nresume with: {command}")
     return "\n".join(lines)
 

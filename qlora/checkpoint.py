@@ -62,15 +62,22 @@ def check_output_dir(cfg: Config, overwrite: bool) -> None:
                         f"--overwrite to replace it, or --resume to continue it")
 
 
-def open_run_dir(cfg: Config, overwrite: bool, start: "Start") -> Path:
+def holds_run_of(cfg: Config, run_dir: Path) -> bool:
+    """The output directory holds a run of this very config (e.g. one that died before its first
+    checkpoint)."""
+    saved = run_dir / "config.yaml"
+    return saved.is_file() and yaml.safe_load(saved.read_text(encoding="utf-8")) == cfg.to_dict()
+
+
+def open_run_dir(cfg: Config, start: "Start") -> Path:
     """The output directory, ready for the loop, with the resolved config written into it.
-    Fresh run: the previous run's files are removed when `overwrite` (nothing else is).
+    Fresh run: the previous run's files are removed when `start.replace_run` (nothing else is).
     Resumed run: metrics.jsonl is cut back to the checkpoint's step (resumed into another
     directory, it starts from the checkpoint's run's metrics up to that step), and checkpoints of
     later steps, which belong to the abandoned steps, are removed."""
     run_dir = Path(cfg.train.output_dir)
     if start.checkpoint is None:
-        check_output_dir(cfg, overwrite)
+        check_output_dir(cfg, start.replace_run)
         for name in RUN_FILES:
             path = run_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -210,6 +217,8 @@ class Start:
     totals: dict[str, Any] = field(default_factory=lambda: {"skipped_total": 0, "elapsed_s": 0.0})
     """Running totals that the metrics lines carry on across a resume."""
     checkpoint: Checkpoint | None = None
+    replace_run: bool = False
+    """A fresh start may replace the run files already in the output directory (--overwrite)."""
 
     @staticmethod
     def from_checkpoint(ckpt: Checkpoint) -> "Start":

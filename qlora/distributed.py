@@ -15,6 +15,7 @@ One process without torchrun is world size 1: no process group, no DDP, nothing 
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from contextlib import nullcontext
@@ -56,11 +57,21 @@ def init(device_name: str) -> tuple[World, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=_store(world), rank=world.rank,
+                            world_size=world.size, device_id=device if device.type == "cuda" else None)
     if not world.is_main:
         sys.stdout = open(os.devnull, "w")  # one place for rank-0-only output; errors go to stderr
     return world, device
+
+
+def _store(world: World) -> dist.Store | None:
+    """torchrun's own key-value store, its keys prefixed by the restart count: the store outlives a
+    restart (--max-restarts), and without the prefix gloo reads the dead workers' addresses from
+    it and fails to connect. Without torchrun: None (env://)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.size, is_master=False)
+    return dist.PrefixStore(f"qlora/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
 
 
 def finish(world: World) -> None:
@@ -73,8 +84,11 @@ def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn
     Every rank builds the same model from the same seed, so nothing is broadcast at the start."""
     if world.size == 1:
         return model
+    # no buffer to keep in step (rotary tables are constants); torch 2.13 renamed the switch
+    quiet = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+        else "broadcast_buffers"
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  broadcast_buffers=False, init_sync=False)
+                                  init_sync=False, **{quiet: False})
     ddp.register_comm_hook(None, sum_gradients)
     return ddp
 

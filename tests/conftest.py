@@ -47,6 +47,24 @@ def tiny_model_factory(tmp_path_factory):
     return make
 
 
+REFERENCE = ["lora.r=64", "train.max_steps=12", "train.progress_bar=false"]
+"""r=64 makes each LoRA matrix 4,096 elements, the size from which bitsandbytes keeps 8-bit optimizer
+states; dropout stays on, so its masks must be the same whatever runs a step."""
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """configs/tiny.yaml + REFERENCE in this process, checkpoints at steps 4, 8 and 12: the run that
+    resumed, restarted and many-process runs must equal. (run dir, random-init cache)."""
+    import train
+
+    out = tmp_path_factory.mktemp("reference") / "run"
+    cache = tmp_path_factory.mktemp("cache")
+    assert train.main(["--config", str(TINY_YAML), *REFERENCE, f"train.output_dir={out}",
+                       f"model.random_init_cache={cache}", "train.save_every=4", "train.keep_last=3"]) == 0
+    return out, cache
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """configs/tiny.yaml trained once through train.main: (run dir, random-init cache)."""
@@ -58,3 +76,28 @@ def tiny_run(tmp_path_factory):
                        f"model.random_init_cache={cache}", "train.progress_bar=false"])
     assert code == 0
     return out, cache
+
+
+NOT_NUMBERS = {"tokens_per_s", "step_s", "elapsed_s", "mem", "world_size", "ranks"}
+"""Metrics fields about time, memory and processes: the rest must match between equal runs."""
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    """Bit for bit: final adapter, the latest checkpoint's 8-bit optimizer states, and every
+    metrics line's numbers."""
+    import torch
+    from safetensors.torch import load_file
+
+    from qlora.checkpoint import list_checkpoints
+    from qlora.logs import read_metrics
+
+    a, b = (load_file(d / "final" / "adapter_model.safetensors") for d in (run_dir, reference))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ours, theirs = (torch.load(list_checkpoints(d)[-1] / "optimizer.pt", weights_only=True) for d in (run_dir, reference))
+    flat = lambda sd: [(k, v) for s in sd["state"].values() for k, v in sorted(s["__bnb_optimizer_quant_state__"].items())]  # noqa: E731
+    assert [k for k, _ in flat(ours)] == [k for k, _ in flat(theirs)] and "state1" in dict(flat(ours))
+    assert dict(flat(ours))["state1"].dtype == torch.uint8  # the 8-bit path was exercised
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(flat(ours), flat(theirs)))
+    numbers = lambda d: [{k: v for k, v in line.items() if k not in NOT_NUMBERS}  # noqa: E731
+                         for line in read_metrics(d / "metrics.jsonl")]
+    assert numbers(run_dir) == numbers(reference)

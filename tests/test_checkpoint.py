@@ -19,12 +19,9 @@ from safetensors.torch import load_file
 import train
 from qlora.checkpoint import list_checkpoints
 from qlora.logs import read_metrics
-from tests.conftest import FIXTURE, ROOT, TINY_YAML
+from tests.conftest import FIXTURE, REFERENCE, ROOT, TINY_YAML, assert_same_run
 
-# r=64 makes each LoRA matrix 4,096 elements, the size from which bitsandbytes keeps 8-bit
-# optimizer states; dropout stays on, so the RNG states must be restored too.
-COMMON = ["lora.r=64", "train.max_steps=12", "train.progress_bar=false"]
-TIMING = {"tokens_per_s", "step_s", "elapsed_s", "mem"}
+COMMON = REFERENCE
 WAIT_S = 120  # the longest any test waits for a file a subprocess writes
 
 
@@ -46,20 +43,14 @@ def wait_until(ready, proc: subprocess.Popen) -> None:
         time.sleep(0.005)
 
 
-def numbers(lines: list[dict]) -> list[dict]:
-    return [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
+@pytest.fixture(scope="module")
+def cache(reference_run):
+    return reference_run[1]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def unbroken(tmp_path_factory, cache):
-    out = tmp_path_factory.mktemp("unbroken") / "run"
-    assert train.main(args(out, cache)) == 0
-    return out
+def unbroken(reference_run):
+    return reference_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -68,18 +59,6 @@ def finished(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("finished") / "run"
     assert train.main(args(out, cache, "train.save_every=2")) == 0
     return out
-
-
-def assert_same_run(run_dir: Path, reference: Path) -> None:
-    a, b = load_file(run_dir / "final" / "adapter_model.safetensors"), load_file(
-        reference / "final" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ours, theirs = (torch.load(list_checkpoints(d)[-1] / "optimizer.pt", weights_only=True) for d in (run_dir, reference))
-    flat = lambda sd: [(k, v) for s in sd["state"].values() for k, v in sorted(s["__bnb_optimizer_quant_state__"].items())]  # noqa: E731
-    assert [k for k, _ in flat(ours)] == [k for k, _ in flat(theirs)] and "state1" in dict(flat(ours))
-    assert dict(flat(ours))["state1"].dtype == torch.uint8  # the 8-bit path was exercised
-    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(flat(ours), flat(theirs)))
-    assert numbers(read_metrics(run_dir / "metrics.jsonl")) == numbers(read_metrics(reference / "metrics.jsonl"))
 
 
 def test_sigkill_at_any_moment_then_resume_equals_unbroken_run(tmp_path, cache, unbroken):

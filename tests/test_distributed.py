@@ -1,0 +1,127 @@
+"""torchrun with gloo on the CPU: two processes train exactly what one does (fp16 autocast, LoRA
+dropout, 8-bit optimizer states), a checkpoint resumes on another number of processes, SIGTERM
+saves, and a killed worker is restarted by torchrun and the run ends as the unbroken one."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import train
+from qlora.checkpoint import list_checkpoints
+from qlora.distributed import World, idle_batch, share
+from qlora.logs import read_metrics
+from qlora.loop import accumulate_gradients
+from qlora.memory import MemoryMeter
+from tests.conftest import REFERENCE, ROOT, TINY_YAML, assert_same_run
+
+WAIT_S = 180  # the longest any test waits on torchrun
+
+
+def torchrun(out: Path, cache: Path, *extra: str, restarts: int = 0) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on a 2-core machine
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         f"--max-restarts={restarts}", "train.py", "--config", str(TINY_YAML), *REFERENCE,
+         f"train.output_dir={out}", f"model.random_init_cache={cache}", *extra],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_until(ready, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not ready():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, f"gave up after {WAIT_S} s"
+        time.sleep(0.005)
+
+
+def workers(proc: subprocess.Popen) -> list[int]:
+    """The pids torchrun started (its children)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == proc.pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_two_processes_train_what_one_does_and_resume_across_world_sizes(reference_run, tmp_path, capsys):
+    reference, cache = reference_run
+    two = tmp_path / "two"
+    proc = torchrun(two, cache, "train.save_every=4", "train.keep_last=3")
+    output = proc.communicate(timeout=WAIT_S)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert_same_run(two, reference)
+    lines = read_metrics(two / "metrics.jsonl")
+    assert {line["world_size"] for line in lines} == {2} and [r["rank"] for r in lines[0]["ranks"]] == [0, 1]
+    assert output.count("done: step 12") == 1  # rank 0 alone prints
+    # a checkpoint of 2 processes resumed by 1 ...
+    one = tmp_path / "one"
+    assert train.main(["--config", str(TINY_YAML), *REFERENCE, f"train.output_dir={one}", f"model.random_init_cache={cache}",
+                       "--resume-from", str(list_checkpoints(two)[0])]) == 0
+    assert "resume: allowed change world size: 2 -> 1" in capsys.readouterr().out
+    assert_same_run(one, reference)
+    # ... and one of 1 process by 2
+    again = tmp_path / "again"
+    proc = torchrun(again, cache, "--resume-from", str(list_checkpoints(reference)[1]))
+    output = proc.communicate(timeout=WAIT_S)[0]
+    assert proc.returncode == 0 and "resume: allowed change world size: 1 -> 2" in output, output[-3000:]
+    assert_same_run(again, reference)
+
+
+def test_sigterm_to_torchrun_saves_one_checkpoint_and_resumes(reference_run, tmp_path):
+    reference, cache = reference_run
+    out = tmp_path / "run"
+    proc = torchrun(out, cache)
+    metrics = out / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it to every worker
+    output = proc.communicate(timeout=WAIT_S)[0]
+    assert "SIGTERM: stopped after step" in output and "resume with: torchrun --nproc-per-node=2" in output
+    (checkpoint,) = list_checkpoints(out)
+    assert not (out / "final").exists() and "ChildFailedError" not in output  # the workers exited 0
+    assert train.main(["--config", str(TINY_YAML), *REFERENCE, f"train.output_dir={out}",
+                       f"model.random_init_cache={cache}", "--resume"]) == 0
+    assert_same_run(out, reference)
+
+
+def test_a_killed_worker_is_restarted_and_the_run_ends_as_the_unbroken_one(reference_run, tmp_path):
+    reference, cache = reference_run
+    out = tmp_path / "run"
+    proc = torchrun(out, cache, "train.save_every=2", "train.keep_last=20", "--auto-resume", restarts=1)
+    wait_until(lambda: (out / "checkpoints" / "step-00000004").exists(), proc)
+    os.kill(max(workers(proc)), signal.SIGKILL)
+    output = proc.communicate(timeout=WAIT_S)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "resume: from" in output  # the restarted workers continued from a checkpoint
+    assert_same_run(out, reference)
+
+
+def test_a_dead_worker_stops_the_job_at_once(reference_run, tmp_path):
+    _, cache = reference_run
+    out = tmp_path / "run"
+    proc = torchrun(out, cache, "train.max_steps=100000", "train.save_every=2")
+    wait_until(lambda: (out / "checkpoints" / "step-00000002").exists(), proc)
+    os.kill(max(workers(proc)), signal.SIGKILL)
+    output = proc.communicate(timeout=WAIT_S)[0]  # not a collective's 30-minute timeout
+    assert proc.returncode != 0 and "exitcode  : -9" in output, output[-3000:]
+    assert list_checkpoints(out)  # what was saved stays
+
+
+def test_share_balances_tokens_and_an_idle_rank_adds_nothing(tiny_model_factory):
+    batches = [{"n_tokens": n} for n in (50, 10, 40, 30)]
+    shares = [share(batches, World(rank=r, size=2)) for r in (0, 1)]
+    assert [[b["n_tokens"] for b in s] for s in shares] == [[50, 10], [40, 30]]  # 60 and 70 tokens
+    assert share(batches[:1], World(rank=1, size=2))[0]["weight"] == 0  # nothing left for rank 1
+    model = tiny_model_factory("fp32")
+    accumulate_gradients(model, [idle_batch()], torch.amp.GradScaler("cpu", enabled=False), "fp32",
+                         torch.device("cpu"), True, MemoryMeter(torch.device("cpu")), window_tokens=7)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and not g.any() for g in grads)  # it joins the all-reduce with zeros
