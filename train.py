@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> None:
     from qlora.logs import MetricsLog
     from qlora.loop import SavePlan, StepSettings, Watch, fit
     from qlora import distributed
-    from qlora.model import build_model, load_tokenizer, trainable_parameters
+    from qlora.model import build_model, load_tokenizer, random_init_weights, trainable_parameters
     from qlora.optim import build_training_state
 
     # one process, or one of torchrun's: its rank and device (rank 0 alone prints and writes files)
@@ -103,6 +103,9 @@ def run(args: argparse.Namespace) -> None:
         return
 
     # 4. model: 4-bit base + fp32 LoRA adapters, in train mode
+    if cfg.model.random_init and world.local_rank == 0:  # written once per machine, read by its ranks
+        random_init_weights(cfg.model, t.seed, device)
+    distributed.barrier(world)
     model = build_model(cfg.model, cfg.lora, t.precision, device, t.seed)
     trainable, total = trainable_parameters(model)
     print(f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%) on {device}")

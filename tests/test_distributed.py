@@ -4,6 +4,7 @@ saves, and a killed worker is restarted by torchrun and the run ends as the unbr
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -125,3 +126,23 @@ def test_share_balances_tokens_and_an_idle_rank_adds_nothing(tiny_model_factory)
                          torch.device("cpu"), True, MemoryMeter(torch.device("cpu")), window_tokens=7)
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and not g.any() for g in grads)  # it joins the all-reduce with zeros
+
+
+def test_two_machines_of_one_process_each(reference_run, tmp_path):
+    """Several machines are the same code path: two torchrun agents on localhost, one process each,
+    meeting at a c10d rendezvous. Global rank 0 writes the files; each takes its local rank 0."""
+    reference, cache = reference_run
+    out = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}",
+         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-machines", "train.py",
+         "--config", str(TINY_YAML), *REFERENCE, f"train.output_dir={out}", f"model.random_init_cache={cache}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    outputs = [p.communicate(timeout=WAIT_S)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert sum(o.count("done: step 12") for o in outputs) == 1
+    assert_same_run(out, reference)
