@@ -115,11 +115,13 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[dict[str, torch.T
     for i, batch in enumerate(batches):
         if "dropout_seed" in batch:  # the masks follow the micro-batch, not the rank that runs it
             torch.manual_seed(batch["dropout_seed"])
-        with meter.phase("forward"):
-            loss = (micro_batch_loss(model, batch, precision, device, supervised_logits_only)
-                    * batch.get("weight", 1.0) / window_tokens)
-        with meter.phase("backward"), sync_gradients(model, last=i == len(batches) - 1):
-            scaler.scale(loss).backward()  # frees this micro-batch's activations
+        # DDP decides at the forward whether the backward all-reduces: both inside the context
+        with sync_gradients(model, last=i == len(batches) - 1):
+            with meter.phase("forward"):
+                loss = (micro_batch_loss(model, batch, precision, device, supervised_logits_only)
+                        * batch.get("weight", 1.0) / window_tokens)
+            with meter.phase("backward"):
+                scaler.scale(loss).backward()  # frees this micro-batch's activations
         total += loss.detach()
     return total
 

@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
 import train
 from qlora.checkpoint import list_checkpoints
@@ -75,6 +77,23 @@ def test_two_processes_train_what_one_does_and_resume_across_world_sizes(referen
     output = proc.communicate(timeout=WAIT_S)[0]
     assert proc.returncode == 0 and "resume: allowed change world size: 1 -> 2" in output, output[-3000:]
     assert_same_run(again, reference)
+
+
+def test_ranks_with_unequal_shares_still_train_what_one_process_does(reference_run, tmp_path):
+    """3 micro-batches a step on 2 ranks: one runs 2, the other 1. DDP must all-reduce once per
+    step on each (at its last micro-batch), or the ranks' collectives no longer pair up."""
+    _, cache = reference_run
+    uneven = ["train.grad_accum=3", "train.max_steps=6"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert train.main(["--config", str(TINY_YAML), *REFERENCE, *uneven, f"train.output_dir={one}",
+                       f"model.random_init_cache={cache}"]) == 0
+    proc = torchrun(two, cache, *uneven)
+    output = proc.communicate(timeout=WAIT_S)[0]
+    assert proc.returncode == 0, output[-3000:]
+    a, b = (load_file(d / "final" / "adapter_model.safetensors") for d in (one, two))
+    assert max(float((a[k] - b[k]).norm() / a[k].norm()) for k in a) < 1e-6  # sums in another order
+    losses = [[line["loss"] for line in read_metrics(d / "metrics.jsonl")] for d in (one, two)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
 
 
 def test_sigterm_to_torchrun_saves_one_checkpoint_and_resumes(reference_run, tmp_path):
