@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -79,11 +80,6 @@ def run(args: argparse.Namespace) -> None:
     from qlora.model import build_model, load_tokenizer, random_init_weights, trainable_parameters
     from qlora.optim import build_training_state
 
-    # one process, or one of torchrun's: its rank and device (rank 0 alone prints and writes files)
-    world, device = distributed.init(t.device)
-    if args.break_at and world.size > 1:
-        raise UserError("--break-at stops one process in the debugger: run train.py without torchrun")
-
     # 2. data: tokenize, mask prompts, cut long contexts around the answer
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, t.seed)
@@ -94,8 +90,15 @@ def run(args: argparse.Namespace) -> None:
     n_steps = total_steps(t, len(data.rows))
     fingerprint = data_fingerprint(data.rows)
 
-    # 3. resume point: a fresh start, or a checkpoint checked against this config and data
+    # one process, or one of torchrun's: its rank and device (rank 0 alone prints and writes files)
+    world, device = distributed.init(t.device)
+    if args.break_at and world.size > 1:
+        raise UserError("--break-at stops one process in the debugger: run train.py without torchrun")
+
+    # 3. resume point: a fresh start, or a checkpoint checked against this config and data; every
+    #    rank must start from the same one
     start = resume_point(args, cfg, fingerprint, n_steps, device, world.size)
+    distributed.check_same(world, "start (step, data fingerprint)", (start.step, fingerprint))
     check_break_at(args.break_at, start.step, n_steps)
     if args.dry_run:
         print(f"dry run: steps {start.step + 1}-{n_steps} of {t.batch_size} x {t.grad_accum} examples on "
@@ -208,7 +211,10 @@ def summary(args: argparse.Namespace, result: FitResult, estimate: dict[str, int
     if final is not None:
         lines.append(f"adapter, tokenizer and config: {final}")
     else:
-        launcher = ["torchrun", f"--nproc-per-node={world_size}"] if world_size > 1 else ["python"]
+        machines = int(os.environ.get("GROUP_WORLD_SIZE", 1))  # torchrun's count of machines
+        launcher = (["python"] if world_size == 1 else
+                    ["torchrun", *([f"--nnodes={machines}"] if machines > 1 else []),
+                     f"--nproc-per-node={os.environ.get('LOCAL_WORLD_SIZE', world_size)}"])
         command = shlex.join([*launcher, "train.py", "--config", args.config, *args.overrides, "--resume"])
         lines.append(f"{result.interrupted}: stopped after step {result.step}\nresume with: {command}")
     return "\n".join(lines)

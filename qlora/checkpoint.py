@@ -63,10 +63,11 @@ def check_output_dir(cfg: Config, overwrite: bool) -> None:
 
 
 def holds_run_of(cfg: Config, run_dir: Path) -> bool:
-    """The output directory holds a run of this very config (e.g. one that died before its first
-    checkpoint)."""
+    """The output directory holds an unfinished run of this very config (e.g. one that died before
+    its first checkpoint)."""
     saved = run_dir / "config.yaml"
-    return saved.is_file() and yaml.safe_load(saved.read_text(encoding="utf-8")) == cfg.to_dict()
+    return (saved.is_file() and not (run_dir / "final").exists()
+            and yaml.safe_load(saved.read_text(encoding="utf-8")) == cfg.to_dict())
 
 
 def open_run_dir(cfg: Config, start: "Start") -> Path:
@@ -182,7 +183,8 @@ def load_checkpoint(path: Path, device: torch.device) -> Checkpoint:
             if sha256(path / name) != digest:
                 raise UserError(f"checkpoint {path}: {name} does not match its checksum (truncated or changed)")
         return Checkpoint(
-            path=path, step=meta["step"], world_size=meta["world_size"], data_fingerprint=meta["data_fingerprint"],
+            path=path, step=meta["step"], world_size=meta.get("world_size", 1),
+            data_fingerprint=meta["data_fingerprint"],
             config=yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")),
             adapter=load_file(path / ADAPTER, device=str(device)),
             optimizer=torch.load(path / OPTIMIZER, map_location=device, weights_only=True),
@@ -280,8 +282,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and torch.cuda.is_available():  # a machine with fewer GPUs restores those it has
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 def sha256(path: Path) -> str:

@@ -155,6 +155,17 @@ def gather_to_main(value: Any, world: World) -> list[Any] | None:
     return out
 
 
+def check_same(world: World, what: str, value: Any) -> None:
+    """Refuse to go on when the ranks disagree on `value` (e.g. a rank that sees another
+    checkpoint or other data: its gradients would be summed with the others' silently)."""
+    values = [value] * world.size
+    if world.size > 1:
+        dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        raise UserError(f"the ranks do not agree on the {what}: {values} (is train.output_dir one shared "
+                        f"folder, and the data the same file on every machine?)")
+
+
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()

@@ -245,7 +245,7 @@ def fit(model: torch.nn.Module, order: DataOrder, state: TrainingState, settings
     totals, world = dict(start.totals), settings.world
     meter = MemoryMeter(device)
     checkpoint, speeds, peak, reserved = None, [], None, None
-    recording = start_history(watch.memory_snapshot_steps, device)
+    recording = start_history(watch.memory_snapshot_steps if saving.writes else 0, device)  # rank 0's
     bar = tqdm(range(start.step + 1, total_steps + 1), initial=start.step, total=total_steps,
                disable=not watch.progress_bar, unit="step")
     began = time.perf_counter()
@@ -268,7 +268,7 @@ def fit(model: torch.nn.Module, order: DataOrder, state: TrainingState, settings
                 if saving.writes:
                     write_breakdown(breakdown, saving.run_dir)
             if recording and step - start.step == watch.memory_snapshot_steps:
-                dump_history(saving.run_dir / f"memory_snapshot{'' if world.is_main else f'.rank{world.rank}'}.pickle")
+                dump_history(saving.run_dir / "memory_snapshot.pickle")
                 recording = False
             stopping = any_rank(stop.received is not None, world, device)  # a sync point across ranks
             if (saving.every and step % saving.every == 0) or step == total_steps or stopping:

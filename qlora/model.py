@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +191,7 @@ def random_init_weights(cfg: ModelConfig, seed: int, device: torch.device) -> Pa
     out = Path(cfg.random_init_cache) / key
     if (out / "config.json").is_file():
         return out
-    tmp = out.with_name(f"{key}.tmp-{os.getpid()}")
+    tmp = out.with_name(f"{key}.tmp-{socket.gethostname()}-{os.getpid()}")
     torch.manual_seed(seed)
     # Initialise on the GPU when there is one: a 7B random init takes minutes on a CPU.
     with torch.device(device):
@@ -198,6 +199,8 @@ def random_init_weights(cfg: ModelConfig, seed: int, device: torch.device) -> Pa
                                                  trust_remote_code=cfg.trust_remote_code)
     model.save_pretrained(tmp)
     del model
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # atomic: a killed run never leaves a half-written cache entry
+    try:
+        tmp.rename(out)  # atomic: a killed run never leaves a half-written cache entry
+    except OSError:  # another machine's rank wrote the same weights first (a shared cache)
+        shutil.rmtree(tmp)
     return out

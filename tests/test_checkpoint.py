@@ -193,3 +193,25 @@ def test_non_finite_weights_stop_the_run_without_a_checkpoint(tmp_path, cache, c
     for ckpt in list_checkpoints(out):
         assert all(torch.isfinite(t).all() for t in load_file(ckpt / "adapter_model.safetensors").values())
     assert read_metrics(out / "metrics.jsonl")  # the steps before it stay, for the diagnosis
+
+
+def test_auto_resume_starts_resumes_and_never_replaces_another_run(cache, tmp_path, capsys):
+    """What torchrun --max-restarts repeats: start when there is no checkpoint (replacing only an
+    unfinished run of the same config), else continue from the latest."""
+    run = tmp_path / "run"
+    short = ["train.max_steps=4", "train.save_every=2"]
+    assert train.main(args(run, cache, *short, "--auto-resume")) == 0  # a fresh start
+    shutil.rmtree(run / "checkpoints")
+    shutil.rmtree(run / "final")
+    (run / "metrics.jsonl").write_text("")  # as if it died before its first checkpoint
+    assert train.main(args(run, cache, *short, "--auto-resume")) == 0
+    assert len(read_metrics(run / "metrics.jsonl")) == 4
+    assert train.main(args(run, cache, *short, "--auto-resume")) == 2  # finished: nothing to resume
+    shutil.rmtree(run / "checkpoints")  # a finished run whose checkpoints were deleted: final/ stays
+    capsys.readouterr()
+    assert train.main(args(run, cache, *short, "--auto-resume")) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run / "final" / "adapter_model.safetensors").exists()
+    shutil.rmtree(run / "final")
+    assert train.main(args(run, cache, *short, "train.lr=0.5", "--auto-resume")) == 2  # another run's folder
+    assert "already holds a run" in capsys.readouterr().err
