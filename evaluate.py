@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -89,11 +90,13 @@ def eval_examples(cfg: Config, limit: int | None) -> list[Example]:
 
 
 def answer_and_score(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
+    """Under torchrun every rank answers a share of the questions; rank 0 merges and scores."""
+    from qlora import distributed
     from qlora.generate import generate_answers
-    from qlora.model import load_for_inference, load_tokenizer, resolve_device
+    from qlora.model import load_for_inference, load_tokenizer
 
     out = None if args.tutorial else output_dir(args, cfg)  # checked before anything loads
-    device = resolve_device(cfg.train.device)
+    world, device = distributed.init(cfg.train.device)
     tokenizer = load_tokenizer(cfg.model)
     if args.tutorial:  # the tutorial asks 5 questions of the data it trained on
         examples = select_examples(load_examples(cfg.data.source, cfg.data.split), cfg.data, cfg.train.seed)[:5]
@@ -102,10 +105,15 @@ def answer_and_score(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     model = load_for_inference(cfg.model, cfg.train.precision, device, cfg.train.seed,
                                None if args.no_adapter else args.adapter, cfg.eval.quantized)
     started = time.perf_counter()
-    answers = generate_answers(model, tokenizer, examples, cfg.data.format, cfg.data.max_length,
-                               cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.train.precision, device,
-                               progress=cfg.train.progress_bar)
+    answers = generate_answers(model, tokenizer, examples[world.rank::world.size], cfg.data.format,
+                               cfg.data.max_length, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                               cfg.train.precision, device, progress=cfg.train.progress_bar and world.is_main)
+    shares = distributed.gather_to_main(answers, world)  # a sync point: every rank's answers on rank 0
     seconds = time.perf_counter() - started
+    distributed.finish(world)
+    if not world.is_main:
+        return {}
+    answers = {qid: answer for share in shares for qid, answer in share.items()}
     if args.tutorial:
         return tutorial_report(examples, answers)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,6 +154,8 @@ def merge(args: argparse.Namespace, cfg: Config) -> None:
 
     if not args.adapter:
         raise UserError("--merge-to needs --adapter")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError("--merge-to runs on one process: run evaluate.py without torchrun")
     out: Path = args.merge_to
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--merge-to {out} is not an empty folder; name a new one (nothing was written)")

@@ -2,6 +2,7 @@
 dropout, 8-bit optimizer states), a checkpoint resumes on another number of processes, SIGTERM
 saves, and a killed worker is restarted by torchrun and the run ends as the unbroken one."""
 
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import evaluate
 import train
 from qlora.checkpoint import list_checkpoints
 from qlora.distributed import World, idle_batch, share
@@ -165,3 +167,20 @@ def test_two_machines_of_one_process_each(reference_run, tmp_path):
     assert [p.returncode for p in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert sum(o.count("done: step 12") for o in outputs) == 1
     assert_same_run(out, reference)
+
+
+def test_evaluate_answers_a_share_on_each_rank_and_rank_0_merges(tiny_run, tmp_path):
+    out, cache = tiny_run
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--config", str(TINY_YAML), f"model.random_init_cache={cache}", "train.progress_bar=false",
+              "--adapter", str(out / "final")]
+    assert evaluate.main([*common, "--out", str(one)]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "evaluate.py", *common, "--out", str(two)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=WAIT_S)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    predictions = [json.loads((d / "predictions.json").read_text()) for d in (one, two)]
+    assert len(predictions[0]) == 24 and predictions[1] == predictions[0]  # every question, once
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in (one, two)]
+    assert metrics[1]["exact_match"] == metrics[0]["exact_match"] and metrics[1]["questions"] == 24
