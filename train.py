@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
 
     # torch, transformers, peft and bitsandbytes load only now
     from qlora.batching import data_order, total_steps
-    from qlora.checkpoint import data_fingerprint, open_run_dir, save_final
+    from qlora.checkpoint import data_fingerprint, numbers_config, open_run_dir, save_final
     from qlora.data import prepare_data
     from qlora.logs import MetricsLog
     from qlora.loop import SavePlan, StepSettings, Watch, fit
@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> None:
     # 3. resume point: a fresh start, or a checkpoint checked against this config and data; every
     #    rank must start from the same one
     start = resume_point(args, cfg, fingerprint, n_steps, device, world.size)
-    distributed.check_same(world, "start (step, data fingerprint)", (start.step, fingerprint))
+    distributed.check_same(world, "start (step, data fingerprint, config)",
+                           (start.step, fingerprint, numbers_config(cfg)))
     check_break_at(args.break_at, start.step, n_steps)
     if args.dry_run:
         print(f"dry run: steps {start.step + 1}-{n_steps} of {t.batch_size} x {t.grad_accum} examples on "

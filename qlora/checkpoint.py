@@ -195,6 +195,12 @@ def load_checkpoint(path: Path, device: torch.device) -> Checkpoint:
                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
+def numbers_config(cfg: Config) -> list[tuple[str, Any]]:
+    """The keys that change the numbers computed (all but those that may change on resume)."""
+    safe = resume_safe_keys()
+    return sorted((k, v) for k, v in _flat(cfg.to_dict()).items() if k not in safe)
+
+
 def check_compatible(cfg: Config, ckpt: Checkpoint, data_fingerprint: str) -> list[str]:
     """Refuse a resume whose numbers would differ from the unbroken run; return the harmless
     differences so the caller can list them."""

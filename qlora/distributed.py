@@ -161,9 +161,11 @@ def check_same(world: World, what: str, value: Any) -> None:
     values = [value] * world.size
     if world.size > 1:
         dist.all_gather_object(values, value)
-    if any(v != values[0] for v in values):
-        raise UserError(f"the ranks do not agree on the {what}: {values} (is train.output_dir one shared "
-                        f"folder, and the data the same file on every machine?)")
+    differ = [r for r, v in enumerate(values) if v != values[0]]
+    if differ:
+        raise UserError(f"the ranks do not agree on the {what}: rank {differ[0]} differs from rank 0 (is "
+                        f"train.output_dir one shared folder, and are the data and config the same on every "
+                        f"machine?)")
 
 
 def barrier(world: World) -> None:

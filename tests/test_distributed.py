@@ -22,7 +22,7 @@ from qlora.distributed import World, idle_batch, share
 from qlora.logs import read_metrics
 from qlora.loop import accumulate_gradients
 from qlora.memory import MemoryMeter
-from tests.conftest import REFERENCE, ROOT, TINY_YAML, assert_same_run
+from tests.conftest import FIXTURE, REFERENCE, ROOT, TINY_YAML, assert_same_run
 
 WAIT_S = 180  # the longest any test waits on torchrun
 
@@ -149,11 +149,9 @@ def test_share_balances_tokens_and_an_idle_rank_adds_nothing(tiny_model_factory)
     assert all(g is not None and not g.any() for g in grads)  # it joins the all-reduce with zeros
 
 
-def test_two_machines_of_one_process_each(reference_run, tmp_path):
-    """Several machines are the same code path: two torchrun agents on localhost, one process each,
-    meeting at a c10d rendezvous. Global rank 0 writes the files; each takes its local rank 0."""
-    reference, cache = reference_run
-    out = tmp_path / "run"
+def two_machines(out: Path, cache: Path, extra: tuple[list[str], list[str]] = ([], [])) -> list[tuple[int, str]]:
+    """Two torchrun agents on localhost, one process each, meeting at a c10d rendezvous, as two
+    machines would; (exit code, output) of each."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -161,12 +159,35 @@ def test_two_machines_of_one_process_each(reference_run, tmp_path):
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}",
          "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-machines", "train.py",
-         "--config", str(TINY_YAML), *REFERENCE, f"train.output_dir={out}", f"model.random_init_cache={cache}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
-    outputs = [p.communicate(timeout=WAIT_S)[0] for p in nodes]
-    assert [p.returncode for p in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    assert sum(o.count("done: step 12") for o in outputs) == 1
+         "--config", str(TINY_YAML), *REFERENCE, f"train.output_dir={out}", f"model.random_init_cache={cache}",
+         *extra[node]], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in (0, 1)]
+    return [(p.wait(timeout=WAIT_S), p.communicate()[0]) for p in nodes]
+
+
+def test_two_machines_of_one_process_each(reference_run, tmp_path):
+    """Several machines are the same code path. Global rank 0 writes the files; each process takes
+    its machine's local rank 0."""
+    reference, cache = reference_run
+    out = tmp_path / "run"
+    results = two_machines(out, cache)
+    assert [code for code, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert sum(output.count("done: step 12") for _, output in results) == 1
     assert_same_run(out, reference)
+
+
+def test_ranks_that_see_other_data_stop_with_one_line(reference_run, tmp_path):
+    """A machine whose data file differs would add gradients of other examples: every rank says so
+    in one line, before the model loads, and the job ends."""
+    _, cache = reference_run
+    other = tmp_path / "other.json"
+    data = json.loads(FIXTURE.read_text())
+    data["data"][0]["paragraphs"][0]["qas"][0]["question"] += " 정확히"
+    other.write_text(json.dumps(data, ensure_ascii=False))
+    results = two_machines(tmp_path / "run", cache, ([], [f"data.source={other}"]))
+    assert all(code != 0 for code, _ in results)
+    assert all("error: the ranks do not agree on the start (step, data fingerprint, config)" in output for _, output in results)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_evaluate_answers_a_share_on_each_rank_and_rank_0_merges(tiny_run, tmp_path):
