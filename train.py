@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # names for the type hints only: the heavy modules load insid
 
     from qlora.checkpoint import Start
     from qlora.data import TokenizedData
+    from qlora.distributed import World
     from qlora.loop import FitResult
 
 
@@ -71,13 +72,13 @@ def run(args: argparse.Namespace) -> None:
     offline_unless_reachable(cfg)
 
     # torch, transformers, peft and bitsandbytes load only now
+    from qlora import distributed
     from qlora.batching import data_order, total_steps
     from qlora.checkpoint import data_fingerprint, numbers_config, open_run_dir, save_final
     from qlora.data import prepare_data
     from qlora.logs import MetricsLog
     from qlora.loop import SavePlan, StepSettings, Watch, fit
-    from qlora import distributed
-    from qlora.model import build_model, load_tokenizer, random_init_weights, trainable_parameters
+    from qlora.model import load_tokenizer
     from qlora.optim import build_training_state
 
     # 2. data: tokenize, mask prompts, cut long contexts around the answer
@@ -107,12 +108,7 @@ def run(args: argparse.Namespace) -> None:
         return
 
     # 4. model: 4-bit base + fp32 LoRA adapters, in train mode
-    if cfg.model.random_init and world.local_rank == 0:  # written once per machine, read by its ranks
-        random_init_weights(cfg.model, t.seed, device)
-    distributed.barrier(world)
-    model = build_model(cfg.model, cfg.lora, t.precision, device, t.seed)
-    trainable, total = trainable_parameters(model)
-    print(f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%) on {device}")
+    model = load_model(cfg, device, world)
 
     # 5. training state: optimizer, schedule, loss scaling (from a checkpoint: restored last, so
     #    its RNG states are the loop's)
@@ -139,6 +135,20 @@ def run(args: argparse.Namespace) -> None:
     final = None if result.interrupted or not world.is_main else save_final(model, tokenizer, cfg, run_dir)
     print(summary(args, result, estimate, run_dir, final, world.size))
     distributed.finish(world)
+
+
+def load_model(cfg: Config, device: torch.device, world: World) -> torch.nn.Module:
+    """build_model, after random-init weights (if asked for) are written once per machine."""
+    from qlora import distributed
+    from qlora.model import build_model, random_init_weights, trainable_parameters
+
+    if cfg.model.random_init and world.local_rank == 0:  # the machine's other ranks read them
+        random_init_weights(cfg.model, cfg.train.seed, device)
+    distributed.barrier(world)
+    model = build_model(cfg.model, cfg.lora, cfg.train.precision, device, cfg.train.seed)
+    trainable, total = trainable_parameters(model)
+    print(f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%) on {device}")
+    return model
 
 
 def report_data(args: argparse.Namespace, cfg: Config, data: TokenizedData, tokenizer: Any) -> dict[str, int] | None:

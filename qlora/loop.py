@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from qlora.attention import VARLEN, sequence_bounds
 from qlora.batching import DataOrder
-from qlora.checkpoint import Start, save_checkpoint
+from qlora.checkpoint import CHECKPOINTS, Start, save_checkpoint
 from qlora.config import Config, TrainConfig, peak_lowering_hints
 from qlora.data import IGNORE
 from qlora.debug import BreakAt, Phase
@@ -272,7 +272,7 @@ def fit(model: torch.nn.Module, order: DataOrder, state: TrainingState, settings
                 recording = False
             stopping = any_rank(stop.received is not None, world, device)  # a sync point across ranks
             if (saving.every and step % saving.every == 0) or step == total_steps or stopping:
-                checkpoint = save(model, state, saving, step, totals, world)
+                checkpoint = save_and_wait(model, state, saving, step, totals, world)
             if stopping or step == total_steps:
                 return FitResult(step=step, steps_run=len(speeds), seconds=time.perf_counter() - began,
                                  median_tokens_per_s=statistics.median(speeds), checkpoint=checkpoint,
@@ -290,12 +290,12 @@ def write_record(record: dict[str, Any], metrics: MetricsLog, world: World) -> N
     metrics.write(record)
 
 
-def save(model: torch.nn.Module, state: TrainingState, saving: SavePlan, step: int, totals: dict[str, Any],
-         world: World) -> Path:
+def save_and_wait(model: torch.nn.Module, state: TrainingState, saving: SavePlan, step: int,
+                  totals: dict[str, Any], world: World) -> Path:
     """Rank 0 writes the checkpoint (the adapters and optimizer states are the same on every rank);
     every rank waits until it is complete."""
     check_adapter_finite(model, step)  # never write non-finite weights
-    path = saving.run_dir / "checkpoints" / f"step-{step:08d}"
+    path = saving.run_dir / CHECKPOINTS / f"step-{step:08d}"  # where rank 0 puts it
     if saving.writes:
         path = save_checkpoint(saving.run_dir, step, unwrap(model), state, saving.config, saving.data_fingerprint,
                                totals, saving.keep_last, world_size=world.size)
