@@ -110,7 +110,6 @@ def answer_and_score(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
                                cfg.train.precision, device, progress=cfg.train.progress_bar and world.is_main)
     shares = distributed.gather_to_main(answers, world)  # a sync point: every rank's answers on rank 0
     seconds = time.perf_counter() - started
-    distributed.finish(world)
     if not world.is_main:
         return {}
     answers = {qid: answer for share in shares for qid, answer in share.items()}

@@ -134,7 +134,6 @@ def run(args: argparse.Namespace) -> None:
     # 7. save
     final = None if result.interrupted or not world.is_main else save_final(model, tokenizer, cfg, run_dir)
     print(summary(args, result, estimate, run_dir, final, world.size))
-    distributed.finish(world)
 
 
 def load_model(cfg: Config, device: torch.device, world: World) -> torch.nn.Module:

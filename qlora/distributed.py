@@ -15,6 +15,7 @@ One process without torchrun is world size 1: no process group, no DDP, nothing 
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import os
 import sys
@@ -59,6 +60,7 @@ def init(device_name: str) -> tuple[World, torch.device]:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=_store(world), rank=world.rank,
                             world_size=world.size, device_id=device if device.type == "cuda" else None)
+    atexit.register(finish, world)  # also after an early return or an error
     if not world.is_main:
         sys.stdout = open(os.devnull, "w")  # one place for rank-0-only output; errors go to stderr
     return world, device
