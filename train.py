@@ -176,14 +176,15 @@ def resume_point(args: argparse.Namespace, cfg: Config, fingerprint: str, n_step
     run_dir = Path(cfg.train.output_dir)
     if args.auto_resume and not list_checkpoints(run_dir):
         # the first launch, or a restart before the first checkpoint: that run's own files may go
-        check_output_dir(cfg, overwrite=holds_run_of(cfg, run_dir))
-        return Start(replace_run=True)
+        replace = holds_run_of(cfg, run_dir)
+        check_output_dir(cfg, replace)
+        return Start(replace_run=replace)
     if not (args.resume or args.resume_from or args.auto_resume):
         check_output_dir(cfg, args.overwrite)
         return Start(replace_run=args.overwrite)
-    path = find_checkpoint(Path(cfg.train.output_dir), args.resume_from)
+    path = find_checkpoint(run_dir, args.resume_from)
     ckpt = load_checkpoint(path, device)
-    if Path(cfg.train.output_dir).resolve() != path.resolve().parent.parent:
+    if run_dir.resolve() != path.resolve().parent.parent:
         check_output_dir(cfg, overwrite=False)  # resumed into another folder: never over another run
     for line in check_compatible(cfg, ckpt, fingerprint):
         print(f"resume: allowed change {line}")
@@ -191,7 +192,7 @@ def resume_point(args: argparse.Namespace, cfg: Config, fingerprint: str, n_step
         print(f"resume: allowed change world size: {ckpt.world_size} -> {world_size}")
     if ckpt.step >= n_steps:
         raise UserError(f"nothing to resume: checkpoint {path} is at step {ckpt.step}, the run's last step "
-                        f"is {n_steps} (its adapter is in {Path(cfg.train.output_dir) / 'final'})")
+                        f"is {n_steps} (its adapter is in {run_dir / 'final'})")
     print(f"resume: from {path} (step {ckpt.step} of {n_steps})")
     return Start.from_checkpoint(ckpt)
 

@@ -53,13 +53,19 @@ def write_config(cfg: Config, directory: Path) -> None:
 def check_output_dir(cfg: Config, overwrite: bool) -> None:
     """Refuse an output directory that holds a run unless `overwrite`; writes nothing, so it can run
     before the model loads and a refused run leaves no trace."""
-    run_dir = Path(cfg.train.output_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"train.output_dir {run_dir} is a file, not a directory")
+    run_dir = _directory(cfg)
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
     if found and not overwrite:
         raise UserError(f"output directory {run_dir} already holds a run ({', '.join(found)}); pass "
                         f"--overwrite to replace it, or --resume to continue it")
+
+
+def _directory(cfg: Config) -> Path:
+    """train.output_dir, refused when it names a file."""
+    run_dir = Path(cfg.train.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"train.output_dir {run_dir} is a file, not a directory")
+    return run_dir
 
 
 def holds_run_of(cfg: Config, run_dir: Path) -> bool:
@@ -76,14 +82,12 @@ def open_run_dir(cfg: Config, start: "Start") -> Path:
     Resumed run: metrics.jsonl is cut back to the checkpoint's step (resumed into another
     directory, it starts from the checkpoint's run's metrics up to that step), and checkpoints of
     later steps, which belong to the abandoned steps, are removed."""
-    run_dir = Path(cfg.train.output_dir)
+    run_dir = _directory(cfg)
     if start.checkpoint is None:
         check_output_dir(cfg, start.replace_run)
         for name in RUN_FILES:
             path = run_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    elif run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"train.output_dir {run_dir} is a file, not a directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(cfg, run_dir)
     if start.checkpoint is not None:

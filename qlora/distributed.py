@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 4 train.py --config C       # NCCL on GPUs, gloo on CPUs
 
 Every rank loads the 4-bit model on its own device (cuda:LOCAL_RANK) and trains a copy of the
-LoRA adapters; DDP averages the adapters' gradients. An optimizer step is the config's, whatever
+LoRA adapters; DDP sums the adapters' gradients across ranks. An optimizer step is the config's, whatever
 the world size: every rank collates the step's micro-batches from the same deterministic data
 order, takes its share of them (`share`), and divides its summed loss by the supervised tokens of
 the *whole* step; DDP then sums the ranks' gradients (`sum_gradients`, instead of its default

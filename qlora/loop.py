@@ -148,6 +148,8 @@ class StepResult:
     """Mean loss per supervised token of the window."""
     grad_norm: float
     skipped: bool
+    supervised_tokens: int
+    """The tokens the step's loss is normalized by (every rank's micro-batches)."""
 
 
 def train_step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], state: TrainingState,
@@ -157,10 +159,9 @@ def train_step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], s
     device, meter; see the README."""
     if settings.stops_at(step, "window"):
         breakpoint()  # --break-at STEP:window
-    world = settings.world
+    world, supervised = settings.world, sum(b["n_supervised"] for b in batches)
     loss_t = accumulate_gradients(model, share(batches, world), state.scaler, settings.precision, device,
-                                  settings.supervised_logits_only, meter,
-                                  window_tokens=sum(b["n_supervised"] for b in batches))
+                                  settings.supervised_logits_only, meter, window_tokens=supervised)
     if settings.stops_at(step, "optimizer"):
         breakpoint()  # --break-at STEP:optimizer
     with meter.phase("optimizer"):
@@ -171,7 +172,7 @@ def train_step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], s
                        f"GradScaler skipped it; stopping without saving a checkpoint")
     if settings.stops_at(step, "end"):
         breakpoint()  # --break-at STEP:end
-    return StepResult(loss=loss, grad_norm=grad_norm, skipped=skipped)
+    return StepResult(loss=loss, grad_norm=grad_norm, skipped=skipped, supervised_tokens=supervised)
 
 
 @dataclass(frozen=True)
@@ -329,7 +330,7 @@ def timed_step(model: torch.nn.Module, order: DataOrder, state: TrainingState, s
             "grad_norm": result.grad_norm,
             "loss_scale": state.scaler.get_scale() if state.scaler.is_enabled() else None,
             "skipped": result.skipped, "skipped_total": totals["skipped_total"], "tokens": tokens,
-            "supervised_tokens": sum(b["n_supervised"] for b in batches),
+            "supervised_tokens": result.supervised_tokens,
             "tokens_per_s": tokens / seconds, "step_s": seconds, "elapsed_s": totals["elapsed_s"],
             "mem": meter.step_record()}
 
