@@ -94,10 +94,11 @@ def answer_and_score(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     from qlora import distributed
     from qlora.generate import generate_answers
     from qlora.model import load_for_inference, load_tokenizer
+    from qlora.prompts import build_prompter
 
     out = None if args.tutorial else output_dir(args, cfg)  # checked before anything loads
     world, device = distributed.init(cfg.train.device)
-    tokenizer = load_tokenizer(cfg.model)
+    prompter = build_prompter(load_tokenizer(cfg.model), cfg.data.format, cfg.data.chat_template_kwargs)
     if args.tutorial:  # the tutorial asks 5 questions of the data it trained on
         examples = select_examples(load_examples(cfg.data.source, cfg.data.split), cfg.data, cfg.train.seed)[:5]
     else:
@@ -105,8 +106,7 @@ def answer_and_score(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     model = load_for_inference(cfg.model, cfg.train.precision, device, cfg.train.seed,
                                None if args.no_adapter else args.adapter, cfg.eval.quantized)
     started = time.perf_counter()
-    answers = generate_answers(model, tokenizer, examples[world.rank::world.size], cfg.data.format,
-                               cfg.data.max_length, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+    answers = generate_answers(model, prompter, examples[world.rank::world.size], cfg.data.max_length, cfg.eval.max_new_tokens, cfg.eval.batch_size,
                                cfg.train.precision, device, progress=cfg.train.progress_bar and world.is_main)
     shares = distributed.gather_to_main(answers, world)  # a sync point: every rank's answers on rank 0
     seconds = time.perf_counter() - started

@@ -80,10 +80,13 @@ def run(args: argparse.Namespace) -> None:
     from qlora.loop import SavePlan, StepSettings, Watch, fit
     from qlora.model import load_tokenizer
     from qlora.optim import build_training_state
+    from qlora.prompts import build_prompter
 
-    # 2. data: tokenize, mask prompts, cut long contexts around the answer
+    # 2. data: prompt format (plain or chat template), tokenize, mask prompts, cut long contexts
+    #    around the answer
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tokenizer, t.seed)
+    prompter = build_prompter(tokenizer, cfg.data.format, cfg.data.chat_template_kwargs)
+    data = prepare_data(cfg.data, prompter, t.seed)
     estimate = report_data(args, cfg, data, tokenizer)
     if args.inspect_data is not None:
         return

@@ -43,6 +43,7 @@ from qlora.config import Config, load_config  # noqa: E402
 from qlora.data import IGNORE, prepare_data  # noqa: E402
 from qlora.loop import StepSettings, micro_batch_loss, train_step  # noqa: E402
 from qlora.memory import GIB, MemoryMeter, step_peak_gib  # noqa: E402
+from qlora.prompts import build_prompter  # noqa: E402
 from qlora.model import apply_levers, build_model, load_base_model, load_tokenizer, read_architecture, resolve_device  # noqa: E402
 from qlora.optim import build_training_state  # noqa: E402
 
@@ -73,7 +74,8 @@ def setup(config: str, shape: str, overrides: list[str]) -> tuple[Config, Any, A
     """The job's config (config file + JOB + shape + overrides), tokenizer, tokenized data, device."""
     cfg = load_config(config, [*JOB, *SHAPES[shape], *overrides])
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tokenizer, cfg.train.seed)
+    data = prepare_data(cfg.data, build_prompter(tokenizer, cfg.data.format, cfg.data.chat_template_kwargs),
+                        cfg.train.seed)
     return cfg, tokenizer, data, resolve_device(cfg.train.device)
 
 

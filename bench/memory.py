@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from qlora.batching import collate  # noqa: E402
 from qlora.config import Config, load_config  # noqa: E402
 from qlora.data import Encoded, encode_example, load_examples  # noqa: E402
+from qlora.prompts import build_prompter  # noqa: E402
 from qlora.estimate import estimate_for_config  # noqa: E402
 from qlora.loop import StepSettings, train_step  # noqa: E402
 from qlora.memory import GIB, MemoryMeter, step_peak_gib  # noqa: E402
@@ -38,7 +39,8 @@ from qlora.optim import build_training_state  # noqa: E402
 def longest_rows(cfg: Config, tokenizer: Any, length: int, batch: int) -> list[Encoded]:
     """The `batch` examples with the longest contexts, encoded at max length `length`."""
     examples = sorted(load_examples(cfg.data.source), key=lambda e: -len(e.context))
-    rows = [r for r in (encode_example(e, tokenizer, "extractive", length) for e in examples[:batch * 4]) if r]
+    prompter = build_prompter(tokenizer, "extractive")
+    rows = [r for r in (encode_example(e, prompter, length) for e in examples[:batch * 4]) if r]
     return rows[:batch]
 
 

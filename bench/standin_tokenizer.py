@@ -16,8 +16,8 @@ import argparse
 from pathlib import Path
 
 from qlora.data import load_examples, percentiles
-from qlora.prompts import TEMPLATES, render_prompt
-from qlora.tiny import build_tokenizer, korquad_texts
+from qlora.prompts import FORMATS
+from qlora.tiny import build_tokenizer, korquad_texts, template_words
 
 # measured with the real Llama-2 tokenizer on the dev file (../shared/data/README.md)
 LLAMA2 = {"closed_book": {"mean": 89, "p50": 87, "p90": 115, "p99": 148, "max": 224},
@@ -32,12 +32,12 @@ def main() -> None:
     p.add_argument("--alphabet", type=int, default=140)
     args = p.parse_args()
     # the templates' words repeated, so they merge into few pieces as in Llama-2's English vocab
-    texts = korquad_texts(args.dev_file) + [render_prompt(f, "", "") for f in TEMPLATES] * 50
+    texts = korquad_texts(args.dev_file) + template_words() * 50
     tok = build_tokenizer(texts, "sentencepiece", args.vocab, args.alphabet)
     tok.save_pretrained(args.out)
     examples = load_examples(str(args.dev_file))
     measured = {
-        "closed_book": [len(tok(render_prompt("closed_book", e.question) + " " + e.answer).input_ids) for e in examples],
+        "closed_book": [len(tok(FORMATS["closed_book"].text.format(question=e.question) + " " + e.answer).input_ids) for e in examples],
         "context+question+answer": [len(tok(f"{e.context} {e.question} {e.answer}").input_ids) for e in examples],
     }
     for name, lengths in measured.items():

@@ -41,10 +41,16 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              value: torch.Tensor, attention_mask: torch.Tensor | None,
                              scaling: float | None = None, dropout: float = 0.0,
                              cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
+                             sliding_window: int | None = None, softcap: float | None = None,
                              **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers' attention signature: q, k, v as [B, H, T, D]; returns [B, T, H, D]."""
+    """transformers' attention signature: q, k, v as [B, H, T, D]; returns [B, T, H, D]. A layer's
+    `sliding_window` (Mistral-v0.1, Gemma's local layers) limits each token to that many latest
+    tokens, itself included; logit soft-capping (Gemma-2) has no flash kernel here, and the model
+    phase refuses varlen for such a model before it loads (qlora/families.py)."""
     if cu_seq_lens_q is None:
         raise RuntimeError("varlen attention needs the batch's sequence bounds (qlora.attention.sequence_bounds)")
+    if softcap is not None:
+        raise RuntimeError("varlen attention has no logit soft-capping")
     rows, heads, width, dim = query.shape
     if query.dtype == torch.float32 and torch.is_autocast_enabled(query.device.type):
         # fp32 norms (model.upcast_non_quantized) hand us fp32 q/k/v. Autocast runs SDPA in the
@@ -54,18 +60,24 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     # [B, H, T, D] -> [B*T, H, D]: one stream of tokens, sequences delimited by cu_seq_lens_q
     q, k, v = (t.transpose(1, 2).reshape(rows * width, t.shape[1], dim) for t in (query, key, value))
     if q.is_cuda:
-        out = _flash_varlen(q, k, v, cu_seq_lens_q, max_length_q, scaling)
+        out = _flash_varlen(q, k, v, cu_seq_lens_q, max_length_q, scaling, sliding_window)
     else:  # no flash kernel on the CPU: the same sequences, one causal SDPA call each
-        out = torch.cat([_causal_sdpa(q[s:e], k[s:e], v[s:e], scaling)
+        out = torch.cat([_causal_sdpa(q[s:e], k[s:e], v[s:e], scaling, sliding_window)
                          for s, e in zip(cu_seq_lens_q[:-1].tolist(), cu_seq_lens_q[1:].tolist())])
     return out.view(rows, width, heads, dim), None
 
 
 def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int,
-                  scale: float | None) -> torch.Tensor:
+                  scale: float | None, window: int | None) -> torch.Tensor:
     # torch 2.9 spelled causality `is_causal=True` and had no `scale` (its default, 1/sqrt(D), is
-    # Llama's); later releases spell causality as a window of (all before, none after).
-    kwargs: dict[str, Any] = {"is_causal": True} if "is_causal" in _VARLEN_ACCEPTS else {"window_size": (-1, 0)}
+    # Llama's) nor windows; later releases spell causality as a window of (before, after) tokens.
+    limited = window is not None and window < longest
+    if "is_causal" in _VARLEN_ACCEPTS:
+        if limited:
+            raise RuntimeError("this torch's varlen_attn has no sliding window; use model.attn_implementation=sdpa")
+        kwargs: dict[str, Any] = {"is_causal": True}
+    else:
+        kwargs = {"window_size": (window - 1 if limited else -1, 0)}
     if "scale" in _VARLEN_ACCEPTS:
         kwargs["scale"] = scale
     elif scale is not None and abs(scale * q.shape[-1] ** 0.5 - 1) > 1e-6:
@@ -75,10 +87,17 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
     return varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
 
 
-def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                 window: int | None) -> torch.Tensor:
     """[n, H, D] in and out."""
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         is_causal=True, scale=scale, enable_gqa=bool(k.shape[1] != q.shape[1]))
+    n = q.shape[0]
+    mask = None
+    if window is not None and window < n:
+        i = torch.arange(n, device=q.device)
+        distance = i[:, None] - i[None, :]
+        mask = (distance >= 0) & (distance < window)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+                                         is_causal=mask is None, scale=scale, enable_gqa=bool(k.shape[1] != q.shape[1]))
     return out.transpose(0, 1)
 
 

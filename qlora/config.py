@@ -35,7 +35,10 @@ def key(default: Any = _REQUIRED, doc: str = "", *, resume_safe: bool = False,
         settings, and the speed and memory levers.
     lowers_peak: how to turn it to lower the memory peak (printed after an out-of-memory error).
     """
-    return field(default=default, metadata={"doc": doc, "resume_safe": resume_safe, "lowers_peak": lowers_peak})
+    metadata = {"doc": doc, "resume_safe": resume_safe, "lowers_peak": lowers_peak}
+    if isinstance(default, dict):  # a mutable default: each config gets its own copy
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,13 @@ class LoraConfig:
 class DataConfig:
     source: str = key(doc="A KorQuAD-layout JSON file, a flat JSON/JSONL file, or a hub dataset id.")
     split: str = key("train", "Split to read when source is a hub dataset.")
-    format: Literal["closed_book", "extractive"] = key(
-        "extractive", "closed_book: the question alone (the tutorial); extractive: context + question.")
+    format: Literal["closed_book", "extractive", "chat", "chat_closed_book"] = key(
+        "extractive", "closed_book: the question alone (the tutorial's Alpaca-style prompt); extractive: context + "
+                      "question; chat / chat_closed_book: the same through the tokenizer's own chat template "
+                      "(instruct models): the answer and the template's end-of-turn token are learned.")
+    chat_template_kwargs: dict[str, Any] = key(
+        {}, "Extra variables for the chat template, e.g. {enable_thinking: false} (Qwen3) or "
+            "{date_string: 26 Jul 2024} (Llama-3.2 writes today's date into every prompt otherwise).")
     max_length: int = key(512, "Tokens per example, prompt + answer + EOS. Only the context is ever cut to fit.",
                           lowers_peak="lower")
     limit: int | None = key(None, "Keep the first N examples after de-duplication and shuffling (null: all).")
@@ -194,8 +202,9 @@ def describe_keys() -> str:
     """Every key with its type, default and facts: what `python -m qlora.config` prints."""
     lines = []
     for name, f in key_fields().items():
-        default = ("(required)" if f.default is _REQUIRED else
-                   yaml.safe_dump(_plain(f.default), default_flow_style=True).removesuffix("...\n").strip())
+        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = ("(required)" if value is _REQUIRED else
+                   yaml.safe_dump(_plain(value), default_flow_style=True).removesuffix("...\n").strip())
         flags = [flag for flag, on in (("may change on resume", f.metadata["resume_safe"]),
                                        ("lowers the peak: " + _lowering(name, f.metadata["lowers_peak"] or ""),
                                         f.metadata["lowers_peak"])) if on]
@@ -300,8 +309,14 @@ def _build_section(section: str, cls: type, values: dict[str, Any], problems: li
 
 def _coerce(value: Any, hint: Any) -> Any:
     """Check `value` against a type hint; ints are accepted where floats are expected."""
+    if hint is Any:
+        return value
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"expected a mapping of names to values, got {value!r}")
+        return {k: _coerce(v, args[1]) for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

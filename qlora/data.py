@@ -1,7 +1,8 @@
 """KorQuAD in, token ids and labels out: loading, selection, prompt + answer tokenization, label
 masking, and cutting long contexts around the answer.
 
-Label masking lives in `encode_example`: prompt tokens get IGNORE, the answer and EOS are learned.
+Label masking lives in `encode_example`: prompt tokens get IGNORE, the answer and the token that
+ends it (EOS, or the chat template's end of turn: qlora/prompts.py) are learned.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from qlora.config import DataConfig
 from qlora.errors import UserError
-from qlora.prompts import render_prompt
+from qlora.prompts import Prompter
 
 IGNORE = -100  # the label cross_entropy skips
 
@@ -50,10 +51,12 @@ class DataReport:
     truncated: int
     dropped: int
     length_percentiles: dict[str, int]
+    prompt: str
+    """How prompts are built and answers end (Prompter.describe)."""
 
     def lines(self) -> list[str]:
         p = self.length_percentiles
-        return [f"data: {self.read} read, {self.selected} selected, {self.kept} kept, "
+        return [self.prompt, f"data: {self.read} read, {self.selected} selected, {self.kept} kept, "
                 f"{self.truncated} truncated (context cut around the answer), {self.dropped} dropped "
                 f"(cannot fit)",
                 "data: tokens per example " + ", ".join(f"{k} {v}" for k, v in p.items())]
@@ -173,37 +176,35 @@ def select_examples(examples: list[Example], cfg: DataConfig, seed: int) -> list
 
 # ---------------------------------------------------------------- tokenization and masking
 
-def encode_example(example: Example, tokenizer: Any, fmt: str, max_length: int) -> Encoded | None:
-    """Prompt and answer are tokenized separately and the ids concatenated: SentencePiece would
-    merge pieces across the boundary of the joined text, so the answer's ids could not be found in
-    it. Returns None when the example cannot fit even with its context cut."""
-    answer_ids = tokenizer(example.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+def encode_example(example: Example, prompter: Prompter, max_length: int) -> Encoded | None:
+    """Prompt ids (IGNORE labels) + the answer's ids and its end token (learned). Returns None when
+    the example cannot fit even with its context cut."""
+    answer_ids = prompter.answer_ids(example.answer)
     answer_span = (example.answer_start, example.answer_start + len(example.answer))
-    prompt_ids, truncated = encode_prompt(example, tokenizer, fmt, max_length - len(answer_ids), keep=answer_span)
+    prompt_ids, truncated = encode_prompt(example, prompter, max_length - len(answer_ids), keep=answer_span)
     if prompt_ids is None:
         return None
     return Encoded(example=example, input_ids=prompt_ids + answer_ids,
                    labels=[IGNORE] * len(prompt_ids) + answer_ids, truncated=truncated)
 
 
-def encode_prompt(example: Example, tokenizer: Any, fmt: str, budget: int,
+def encode_prompt(example: Example, prompter: Prompter, budget: int,
                   keep: tuple[int, int] = (0, 1)) -> tuple[list[int] | None, bool]:
-    """(prompt ids of at most `budget` tokens, whether the context was cut). Only an extractive
-    context is ever cut: to a window around the characters `keep` (the answer span in training;
-    the context's start at generation time, when the answer is unknown). None when it cannot fit."""
-    ids = tokenizer(render_prompt(fmt, example.question, example.context)).input_ids
+    """(prompt ids of at most `budget` tokens, whether the context was cut). Only a context is ever
+    cut: to a window around the characters `keep` (the answer span in training; the context's start
+    at generation time, when the answer is unknown). None when it cannot fit."""
+    ids = prompter.prompt_ids(example.question, example.context)
     if len(ids) <= budget:
         return ids, False
-    return (fit_context(example, tokenizer, fmt, budget, keep) if fmt == "extractive" else None), True
+    return (fit_context(example, prompter, budget, keep) if prompter.format.has_context else None), True
 
 
-def fit_context(example: Example, tokenizer: Any, fmt: str, budget: int,
-                keep: tuple[int, int]) -> list[int] | None:
+def fit_context(example: Example, prompter: Prompter, budget: int, keep: tuple[int, int]) -> list[int] | None:
     """Prompt ids of at most `budget` tokens whose context is a window of the original context
     that holds the characters keep[0]:keep[1], as centred on them as the context allows. The
     question is never cut. None when even the kept span alone does not fit."""
-    room = budget - len(tokenizer(render_prompt(fmt, example.question, "")).input_ids)
-    offsets = tokenizer(example.context, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+    room = budget - len(prompter.prompt_ids(example.question, ""))
+    offsets = prompter.tokenizer(example.context, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
     t0 = next(i for i, (s, e) in enumerate(offsets) if e > keep[0])
     t1 = max(i for i, (s, e) in enumerate(offsets) if s < keep[1]) + 1
     for _ in range(8):  # re-tokenizing the cut text can shift a boundary token; shrink and retry
@@ -212,7 +213,7 @@ def fit_context(example: Example, tokenizer: Any, fmt: str, budget: int,
         lo = max(0, min(t0 - (room - (t1 - t0)) // 2, len(offsets) - room))
         hi = min(len(offsets), lo + room)
         window = example.context[offsets[lo][0]:offsets[hi - 1][1]]
-        ids = tokenizer(render_prompt(fmt, example.question, window)).input_ids
+        ids = prompter.prompt_ids(example.question, window)
         if len(ids) <= budget:
             return ids
         room -= len(ids) - budget
@@ -225,17 +226,18 @@ class TokenizedData:
     report: DataReport
 
 
-def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int) -> TokenizedData:
+def prepare_data(cfg: DataConfig, prompter: Prompter, seed: int) -> TokenizedData:
     """Load -> select -> encode every example; the report counts what was cut or dropped."""
     examples = load_examples(cfg.source, cfg.split)
     selected = select_examples(examples, cfg, seed)
-    encoded = [encode_example(e, tokenizer, cfg.format, cfg.max_length) for e in selected]
+    encoded = [encode_example(e, prompter, cfg.max_length) for e in selected]
     rows = [r for r in encoded if r is not None]
     if not rows:
         raise UserError(f"no example of {cfg.source} fits data.max_length={cfg.max_length}")
     report = DataReport(read=len(examples), selected=len(selected), kept=len(rows),
                         truncated=sum(r.truncated for r in rows), dropped=len(selected) - len(rows),
-                        length_percentiles=percentiles([len(r.input_ids) for r in rows]))
+                        length_percentiles=percentiles([len(r.input_ids) for r in rows]),
+                        prompt=prompter.describe())
     return TokenizedData(rows=rows, report=report)
 
 

@@ -27,20 +27,26 @@ class Shape:
     layers: int
     heads: int
     kv_heads: int
+    head_dim: int
+    """Gemma's heads are wider than hidden / heads."""
+    tied: bool
+    """One matrix for the embeddings and the LM head (Llama-3.2, Qwen3 small, Gemma)."""
 
 
 def shape_of(hf_config: Any) -> Shape:
+    heads = hf_config.num_attention_heads
     return Shape(vocab=hf_config.vocab_size, hidden=hf_config.hidden_size,
-                 intermediate=hf_config.intermediate_size, layers=hf_config.num_hidden_layers,
-                 heads=hf_config.num_attention_heads,
-                 kv_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads)
+                 intermediate=hf_config.intermediate_size, layers=hf_config.num_hidden_layers, heads=heads,
+                 kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+                 head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
+                 tied=bool(getattr(hf_config, "tie_word_embeddings", False)))
 
 
-MODULE_DIMS = {  # (in, out) of each linear layer of a Llama block, as functions of the shape
-    "q_proj": lambda s: (s.hidden, s.hidden),
-    "k_proj": lambda s: (s.hidden, s.hidden * s.kv_heads // s.heads),
-    "v_proj": lambda s: (s.hidden, s.hidden * s.kv_heads // s.heads),
-    "o_proj": lambda s: (s.hidden, s.hidden),
+MODULE_DIMS = {  # (in, out) of each linear layer of a decoder block, as functions of the shape
+    "q_proj": lambda s: (s.hidden, s.heads * s.head_dim),
+    "k_proj": lambda s: (s.hidden, s.kv_heads * s.head_dim),
+    "v_proj": lambda s: (s.hidden, s.kv_heads * s.head_dim),
+    "o_proj": lambda s: (s.heads * s.head_dim, s.hidden),
     "gate_proj": lambda s: (s.hidden, s.intermediate),
     "up_proj": lambda s: (s.hidden, s.intermediate),
     "down_proj": lambda s: (s.intermediate, s.hidden),
@@ -71,13 +77,13 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
     linear_params = shape.layers * sum(i * o for i, o in per_layer)
     absmax = 1 + 4 / 256 if double_quant else 4
     quantized = linear_params * 0.5 + linear_params / 64 * absmax
-    fp32_rest = (2 * shape.vocab * shape.hidden + (2 * shape.layers + 1) * shape.hidden) * 4
+    fp32_rest = (((1 if shape.tied else 2) * shape.vocab + (2 * shape.layers + 1)) * shape.hidden) * 4
     lora_params = shape.layers * sum(lora_r * sum(MODULE_DIMS[t](shape)) for t in targets)
     state_bytes = 2 * (1 + 4 / 256) if optimizer in ("paged_adamw_8bit", "adamw_8bit") else 8
     tokens = batch * seq
-    kv = shape.hidden * shape.kv_heads // shape.heads
+    kv, q = shape.kv_heads * shape.head_dim, shape.heads * shape.head_dim
     dropout_copies = sum(MODULE_DIMS[t](shape)[0] for t in targets) * (4 + 1) if lora_dropout else 0
-    layer_saved = tokens * (compute_bytes * (4 * shape.hidden + 2 * kv + 3 * shape.intermediate)
+    layer_saved = tokens * (compute_bytes * (3 * shape.hidden + q + 2 * kv + 3 * shape.intermediate)
                             + 4 * 3 * shape.hidden + dropout_copies)
     residual = tokens * shape.hidden * 4
     if recompute:

@@ -1,6 +1,6 @@
 """Greedy answers in batches: the training prompt without its answer, left-padded so every row's
-last token sits at the same position, generated with the KV cache, cut at EOS or the end of the
-answer line."""
+last token sits at the same position, generated with the KV cache, cut at the answer's end token or
+the end of the answer line."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from qlora.data import Example, encode_prompt
 from qlora.model import DTYPES
+from qlora.prompts import Prompter
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -29,13 +30,14 @@ def extract_answer(text: str) -> str:
 
 
 @torch.no_grad()
-def generate_answers(model: Any, tokenizer: Any, examples: list[Example], fmt: str, max_length: int,
+def generate_answers(model: Any, prompter: Prompter, examples: list[Example], max_length: int,
                      max_new_tokens: int, batch_size: int, precision: str, device: torch.device,
                      progress: bool = True) -> dict[str, tuple[str, str]]:
     """{question id: (answer, raw generation)}. Prompts are sorted by length so a batch pads little;
-    an extractive context too long for `max_length - max_new_tokens` keeps its beginning (the answer's
-    place is unknown here)."""
-    prompts = {e.id: encode_prompt(e, tokenizer, fmt, max_length - max_new_tokens)[0] for e in examples}
+    a context too long for `max_length - max_new_tokens` keeps its beginning (the answer's place is
+    unknown here). Generation stops at the token training ended answers with."""
+    tokenizer = prompter.tokenizer
+    prompts = {e.id: encode_prompt(e, prompter, max_length - max_new_tokens)[0] for e in examples}
     order = sorted((e.id for e in examples if prompts[e.id] is not None), key=lambda i: len(prompts[i]))
     out = {e.id: ("", "") for e in examples if prompts[e.id] is None}
     for start in tqdm(range(0, len(order), batch_size), disable=not progress, unit="batch"):
@@ -43,7 +45,7 @@ def generate_answers(model: Any, tokenizer: Any, examples: list[Example], fmt: s
         batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in ids], tokenizer.pad_token_id).items()}
         with torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32"):
             generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                       eos_token_id=prompter.end_id, pad_token_id=tokenizer.pad_token_id,
                                        use_cache=True)
         new_tokens = generated[:, batch["input_ids"].shape[1]:].tolist()  # sync point
         for qid, tokens in zip(ids, new_tokens):

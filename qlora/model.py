@@ -23,6 +23,7 @@ from qlora.attention import VARLEN
 from qlora.attention import register as register_varlen
 from qlora.config import LoraConfig, ModelConfig
 from qlora.errors import UserError
+from qlora.families import refused_levers
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -54,6 +55,9 @@ def load_base_model(cfg: ModelConfig, precision: str, device: torch.device, seed
     """from_pretrained with the 4-bit NF4 BitsAndBytesConfig (plain `precision` weights when not
     `quantized`: evaluation with eval.quantized=false, merging). The model is in eval mode."""
     compute_dtype = DTYPES[precision]
+    refused = refused_levers(cfg, read_architecture(cfg))
+    if refused:
+        raise UserError("; ".join(refused))
     prepare_attention(cfg)
     path = random_init_weights(cfg, seed, device) if cfg.random_init else cfg.name
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,

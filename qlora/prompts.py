@@ -1,21 +1,158 @@
-"""Prompt templates, shared by training (data.py) and generation (evaluate.py) so both see the
-same text. A prompt ends where the answer starts; the answer is tokenized on its own (data.py)."""
+"""Prompts, shared by training (data.py) and generation (generate.py) so both see the same tokens.
+
+A `Prompter` turns one question (and its context) into the ids before the answer, and an answer
+into the ids the model learns: the answer as the prompt format renders it, then the one token that
+ends it, the same token generation stops at.
+
+Two kinds of format (`data.format`):
+- plain text (`closed_book`, the tutorial's Alpaca-style template; `extractive`), for base models:
+  the tokenizer adds its BOS, the answer ends with the tokenizer's EOS;
+- the tokenizer's own chat template (`chat`: context + question in the user turn; `chat_closed_book`:
+  the question alone), for instruct models: the answer ends with the template's end-of-turn token
+  (<|eot_id|>, <|im_end|>, <end_of_turn>, </s>), found by rendering the template, not by name.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
+from qlora.errors import UserError
+
 HEADER = ("Below is an instruction that describes a task. "
           "Write a response that appropriately completes the request.")
-
-# The tutorial's template, unchanged: the full training text is PROMPT + " " + answer.
-CLOSED_BOOK = HEADER + " ### Instruction: {question} ### Response:"
-
-# The real KorQuAD task: read the context, answer with a span of it.
-EXTRACTIVE = (HEADER + " ### Instruction: Answer the question with a span copied from the context."
-              "\n### Context: {context}\n### Question: {question}\n### Response:")
-
-TEMPLATES = {"closed_book": CLOSED_BOOK, "extractive": EXTRACTIVE}
+TASK = "Answer the question with a span copied from the context."
 
 
-def render_prompt(fmt: str, question: str, context: str = "") -> str:
-    """The prompt text for one question; `context` may already be cut to fit (data.py)."""
-    return TEMPLATES[fmt].format(question=question, context=context)
+@dataclass(frozen=True)
+class Format:
+    text: str
+    """The prompt (plain formats) or the user turn (chat formats), with {question} and {context}."""
+    has_context: bool
+    chat: bool
+
+
+FORMATS = {
+    # The tutorial's template, unchanged: the full training text is prompt + " " + answer.
+    "closed_book": Format(HEADER + " ### Instruction: {question} ### Response:", False, False),
+    # The real KorQuAD task: read the context, answer with a span of it.
+    "extractive": Format(HEADER + f" ### Instruction: {TASK}"
+                         "\n### Context: {context}\n### Question: {question}\n### Response:", True, False),
+    "chat": Format(TASK + "\n\nContext: {context}\n\nQuestion: {question}", True, True),
+    "chat_closed_book": Format("{question}", False, True),
+}
+
+# Stand-ins rendered through a chat template to find where the user turn and the answer go.
+USER_MARK, ANSWER_MARK = "QLORAUSERMARK", "QLORAANSWERMARK"
+
+
+@dataclass(frozen=True)
+class ChatLayout:
+    """A chat template cut at its two contents: the rendered conversation of one question is
+    head + user + middle + answer + tail, each content trimmed where the template trims it.
+    `middle` ends with the generation prompt and whatever the template puts before an answer beyond
+    it (`lead`: Qwen3's empty thinking block)."""
+    head: str
+    middle: str
+    tail: str
+    lead: str
+    trims_user: bool
+    trims_answer: bool
+
+
+@dataclass(frozen=True)
+class Prompter:
+    """One format's prompts for one tokenizer (build_prompter makes it)."""
+    tokenizer: Any
+    format: Format
+    end_id: int
+    """The token every answer ends with: the one the model learns to stop with and generation stops at."""
+    chat: ChatLayout | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def text(self, question: str, context: str = "") -> str:
+        """Everything before the answer, as text."""
+        user = self.format.text.format(question=question, context=context)
+        if self.chat is None:
+            return user
+        return self.chat.head + (user.strip() if self.chat.trims_user else user) + self.chat.middle
+
+    def prompt_ids(self, question: str, context: str = "") -> list[int]:
+        # A chat template writes its own BOS (or none); the tokenizer must not add another.
+        return self.tokenizer(self.text(question, context), add_special_tokens=self.chat is None).input_ids
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """Tokenized on its own, then joined to the prompt's ids: SentencePiece would merge pieces
+        across the boundary of the joined text, so the answer's ids could not be found in it."""
+        text = answer.strip() if self.chat and self.chat.trims_answer else answer
+        return self.tokenizer(text, add_special_tokens=False).input_ids + [self.end_id]
+
+    def render_chat(self, question: str, context: str, answer: str | None) -> str:
+        """The tokenizer's own rendering of one question (and its answer): what `text` and
+        `answer_ids` must agree with (tests check it over the whole dev set)."""
+        return _render(self.tokenizer, _messages(self.format.text.format(question=question, context=context),
+                                                 answer), answer is None, self.template_kwargs)
+
+    def describe(self) -> str:
+        """One line for the data report: how answers end, and what the template adds."""
+        end = self.tokenizer.convert_ids_to_tokens(self.end_id)
+        if self.chat is None:
+            return f"prompt: plain text; answers end with EOS {end!r} (id {self.end_id})"
+        line = f"prompt: the tokenizer's chat template; answers end with {end!r} (id {self.end_id}), where generation stops"
+        if self.chat.lead:
+            line += (f"; the template puts {self.chat.lead!r} before an answer beyond its generation prompt: "
+                     "it is part of the prompt, not learned")
+        if self.chat.trims_answer:
+            line += "; the template trims the answer's surrounding whitespace: so does the learned answer"
+        return line
+
+
+def build_prompter(tokenizer: Any, fmt: str, template_kwargs: dict[str, Any] | None = None) -> Prompter:
+    template_kwargs = dict(template_kwargs or {})
+    if not FORMATS[fmt].chat:
+        return Prompter(tokenizer, FORMATS[fmt], tokenizer.eos_token_id)
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"data.format={fmt} needs a tokenizer with a chat template, and this one has none "
+                        "(a base model's? use format extractive, or model.tokenizer=the instruct model's)")
+    layout, end_id = chat_layout(tokenizer, template_kwargs)
+    return Prompter(tokenizer, FORMATS[fmt], end_id, layout, template_kwargs)
+
+
+def chat_layout(tokenizer: Any, kwargs: dict[str, Any]) -> tuple[ChatLayout, int]:
+    """Render the template with marks for the user turn and the answer, cut it there, and find
+    the token that ends an answer (the first token after it, which must be a special token)."""
+    full = _render(tokenizer, _messages(USER_MARK, ANSWER_MARK), False, kwargs)
+    if full.count(USER_MARK) != 1 or full.count(ANSWER_MARK) != 1:
+        raise UserError("the chat template does not render one user turn and one answer as given")
+    head, rest = full.split(USER_MARK)
+    middle, tail = rest.split(ANSWER_MARK)
+    spaced = _render(tokenizer, _messages(f" {USER_MARK} ", f" {ANSWER_MARK} "), False, kwargs)
+    generation = _render(tokenizer, _messages(USER_MARK, None), True, kwargs)
+    if not (head + USER_MARK + middle).startswith(generation):
+        raise UserError("the chat template's generation prompt is not the start of its rendered answer "
+                        "turn: training and generation would see different prompts")
+    tail_ids = tokenizer(tail, add_special_tokens=False).input_ids
+    if not tail_ids or not _is_special(tokenizer, tail_ids[0]):
+        raise UserError(f"the chat template ends an answer with {tail[:20]!r}, not a special token: "
+                        "generation could not stop on it")
+    layout = ChatLayout(head=head, middle=middle, tail=tail, lead=(head + USER_MARK + middle)[len(generation):],
+                        trims_user=f" {USER_MARK} " not in spaced, trims_answer=f" {ANSWER_MARK} " not in spaced)
+    return layout, tail_ids[0]
+
+
+def _is_special(tokenizer: Any, token_id: int) -> bool:
+    added = tokenizer.added_tokens_decoder.get(token_id)
+    return token_id in tokenizer.all_special_ids or bool(added is not None and added.special)
+
+
+def _messages(user: str, answer: str | None) -> list[dict[str, str]]:
+    turns = [{"role": "user", "content": user}]
+    return turns + ([{"role": "assistant", "content": answer}] if answer is not None else [])
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, kwargs: dict[str, Any]) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                             **kwargs)
+    except Exception as e:  # jinja's raise_exception, a template error: the user's template or kwargs
+        raise UserError(f"the chat template failed: {str(e).splitlines()[0]}") from None

@@ -5,7 +5,7 @@ import pytest
 from qlora.config import DataConfig
 from qlora.data import IGNORE, Example, encode_example, load_examples, prepare_data, select_examples
 from qlora.errors import UserError
-from qlora.prompts import render_prompt
+from qlora.prompts import build_prompter
 from tests.conftest import DEV_FILE, FIXTURE
 
 
@@ -22,7 +22,7 @@ def prompt_text(tokenizer, row) -> str:
 def test_decoded_target_is_answer_plus_eos(request, family, fmt):
     tokenizer = request.getfixturevalue(family)
     for example in load_examples(str(FIXTURE)):
-        row = encode_example(example, tokenizer, fmt, max_length=1024)
+        row = encode_example(example, build_prompter(tokenizer, fmt), max_length=1024)
         assert not row.truncated
         assert target_text(tokenizer, row) == example.answer + tokenizer.eos_token
         # the prompt part is exactly the prompt: everything before the answer is masked
@@ -36,9 +36,9 @@ def test_truncation_keeps_answer_and_question(request, family):
     examples = load_examples(str(FIXTURE))
     cut = 0
     for example in examples:
-        full = encode_example(example, tokenizer, "extractive", max_length=4096)
+        full = encode_example(example, build_prompter(tokenizer, "extractive"), max_length=4096)
         limit = len(full.input_ids) - 25
-        row = encode_example(example, tokenizer, "extractive", max_length=limit)
+        row = encode_example(example, build_prompter(tokenizer, "extractive"), max_length=limit)
         assert row is not None and row.truncated and len(row.input_ids) <= limit
         prompt = prompt_text(tokenizer, row)
         context = prompt.split("### Context:")[1].split("### Question:")[0]
@@ -53,8 +53,8 @@ def test_answer_near_the_end_keeps_its_window_inside_the_context(sp_tokenizer):
     context = "가나다라마바사아자차카타파하 " * 30 + "정답은 여기"
     example = Example(id="end", question="어디?", answer="여기", context=context,
                       answer_start=context.index("여기"))
-    room = len(sp_tokenizer(render_prompt("extractive", example.question, "")).input_ids)
-    row = encode_example(example, sp_tokenizer, "extractive", max_length=room + 20)
+    room = len(build_prompter(sp_tokenizer, "extractive").prompt_ids(example.question, ""))
+    row = encode_example(example, build_prompter(sp_tokenizer, "extractive"), max_length=room + 20)
     assert row.truncated and prompt_text(sp_tokenizer, row).rstrip().endswith("### Response:")
     assert "정답은 여기" in prompt_text(sp_tokenizer, row)
 
@@ -62,10 +62,11 @@ def test_answer_near_the_end_keeps_its_window_inside_the_context(sp_tokenizer):
 def test_examples_that_cannot_fit_are_dropped_and_counted(sp_tokenizer):
     cfg = DataConfig(source=str(FIXTURE), format="closed_book", max_length=20)
     with pytest.raises(UserError, match="no example .* fits data.max_length=20"):
-        prepare_data(cfg, sp_tokenizer, seed=0)
-    full = [encode_example(e, sp_tokenizer, "closed_book", 4096) for e in load_examples(str(FIXTURE))]
+        prepare_data(cfg, build_prompter(sp_tokenizer, cfg.format), seed=0)
+    full = [encode_example(e, build_prompter(sp_tokenizer, "closed_book"), 4096) for e in load_examples(str(FIXTURE))]
     limit = sorted(len(r.input_ids) for r in full)[len(full) // 2]
-    data = prepare_data(DataConfig(source=str(FIXTURE), format="closed_book", max_length=limit), sp_tokenizer, 0)
+    data = prepare_data(DataConfig(source=str(FIXTURE), format="closed_book", max_length=limit),
+                        build_prompter(sp_tokenizer, "closed_book"), 0)
     assert data.report.dropped == sum(len(r.input_ids) > limit for r in full) > 0
     assert data.report.kept + data.report.dropped == data.report.selected == 24
     assert data.report.length_percentiles["max"] <= limit
@@ -122,7 +123,7 @@ def test_missing_file_and_empty_selection(tmp_path, sp_tokenizer):
         load_examples(str(tmp_path))
     (tmp_path / "empty.json").write_text('{"data": []}')
     with pytest.raises(UserError, match="selection from .* is empty"):
-        prepare_data(DataConfig(source=str(tmp_path / "empty.json")), sp_tokenizer, 0)
+        prepare_data(DataConfig(source=str(tmp_path / "empty.json")), build_prompter(sp_tokenizer, "extractive"), 0)
 
 
 @pytest.mark.skipif(not DEV_FILE.exists(), reason="the official dev file is not on this machine")
@@ -130,7 +131,8 @@ def test_every_supervised_span_of_the_official_dev_file(sp_tokenizer):
     """All 5,774 dev questions at 512 tokens: most contexts are cut, every answer survives."""
     examples = load_examples(str(DEV_FILE))
     assert len(examples) == 5774
-    data = prepare_data(DataConfig(source=str(DEV_FILE), format="extractive", max_length=512), sp_tokenizer, 0)
+    data = prepare_data(DataConfig(source=str(DEV_FILE), format="extractive", max_length=512),
+                        build_prompter(sp_tokenizer, "extractive"), 0)
     assert data.report.truncated > 0
     for row in data.rows:
         assert len(row.input_ids) <= 512

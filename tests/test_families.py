@@ -1,0 +1,170 @@
+"""Model families (qlora/families.py): per family, a toy model of its real architecture class with a
+tokenizer of its layout and its real chat template (configs/templates/), through the whole product:
+masking, train, resume, evaluate, merge, and each lever."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import evaluate
+import train
+from qlora.batching import collate, collate_packed
+from qlora.checkpoint import list_checkpoints
+from qlora.config import LoraConfig, ModelConfig, load_config
+from qlora.data import IGNORE, encode_example, load_examples
+from qlora.errors import UserError
+from qlora.estimate import estimate_for_config
+from qlora.families import FAMILIES, refused_levers
+from qlora.loop import micro_batch_loss
+from qlora.model import build_model, load_tokenizer, read_architecture
+from qlora.prompts import build_prompter
+from qlora.tiny import build_family, korquad_texts
+from tests.conftest import DEV_FILE, FIXTURE, REFERENCE, ROOT, TINY_YAML, assert_same_run
+
+TEMPLATE_KWARGS = {"llama3.2": {"date_string": "26 Jul 2024"},  # else today's date is in every prompt
+                   "qwen3": {"enable_thinking": False}}
+ATTENTION = {"gemma2": "eager"}  # soft-capped attention logits: eager only (qlora/families.py)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="session")
+def families(tmp_path_factory):
+    """{family: (model dir, tokenizer dir)}, built once."""
+    root, texts = tmp_path_factory.mktemp("families"), korquad_texts(FIXTURE)
+    return {name: build_family(name, texts, root / name) for name in FAMILIES}
+
+
+def prompter_of(families, name, fmt="chat"):
+    tokenizer = load_tokenizer(ModelConfig(name=str(families[name][0]), tokenizer=str(families[name][1])))
+    return build_prompter(tokenizer, fmt, TEMPLATE_KWARGS.get(name) if fmt.startswith("chat") else None)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_chat_rows_are_the_templates_own_tokens_and_only_the_answer_is_learned(families, name):
+    """Over every question of the official dev set (the fixture where it is absent): the prompt is
+    the template's generation prompt, the row's ids are the tokenizer's ids of the template's whole
+    rendering up to the end of the answer, and the learned ids decode to the answer + end of turn."""
+    prompter = prompter_of(families, name)
+    tokenizer, layout = prompter.tokenizer, prompter.chat
+    end = tokenizer.convert_ids_to_tokens(prompter.end_id)
+    assert end in {"<|eot_id|>", "<|im_end|>", "</s>", "<end_of_turn>"}
+    examples = load_examples(str(DEV_FILE if DEV_FILE.exists() else FIXTURE))
+    for i, e in enumerate(examples):
+        row = encode_example(e, prompter, 100_000)
+        n_prompt = len(row.input_ids) - row.n_supervised
+        answer = e.answer.strip() if layout.trims_answer else e.answer
+        assert prompter.text(e.question, e.context) == prompter.render_chat(e.question, e.context, None) + layout.lead
+        assert row.labels[:n_prompt] == [IGNORE] * n_prompt
+        assert tokenizer.decode(row.labels[n_prompt:]) == answer + end, e.id
+        if i % 4 == 0:  # tokenizing a whole rendering again costs as much as encoding: a quarter of them
+            whole = prompter.render_chat(e.question, e.context, e.answer)
+            assert row.input_ids == tokenizer(whole, add_special_tokens=False).input_ids[:len(row.input_ids)], e.id
+
+
+def test_what_each_template_adds_is_reported(families):
+    qwen3 = AutoTokenizer.from_pretrained(families["qwen3"][1])
+    thinking = build_prompter(qwen3, "chat")  # without enable_thinking=false: an empty thinking block
+    assert thinking.chat.lead == "<think>\n\n</think>\n\n"
+    assert "'<think>\\n\\n</think>\\n\\n' before an answer" in thinking.describe()
+    assert prompter_of(families, "qwen3").chat.lead == ""
+    gemma = prompter_of(families, "gemma2")
+    assert gemma.chat.trims_answer and "trims" in gemma.describe()
+    plain = prompter_of(families, "llama3", "extractive")
+    assert plain.chat is None and plain.prompt_ids("질문")[0] == plain.tokenizer.bos_token_id
+    with pytest.raises(UserError, match="System role not supported|failed"):
+        build_prompter(gemma.tokenizer, "chat", {"messages": []})
+    gemma.tokenizer.chat_template = None
+    with pytest.raises(UserError, match="needs a tokenizer with a chat template"):
+        build_prompter(gemma.tokenizer, "chat")
+
+
+def family_args(families, name, cache, out, *extra):
+    model, tokenizer = families[name]
+    kwargs = json.dumps(TEMPLATE_KWARGS.get(name, {}))
+    return ["--config", str(TINY_YAML), *REFERENCE, f"model.name={model}", f"model.tokenizer={tokenizer}",
+            f"model.random_init_cache={cache}", f"model.attn_implementation={ATTENTION.get(name, 'sdpa')}",
+            "data.format=chat", "data.max_length=320", f"data.chat_template_kwargs={kwargs}",
+            f"train.output_dir={out}", "train.max_steps=4", "eval.max_new_tokens=8", *extra]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_trains_resumes_evaluates_and_merges(families, name, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    assert train.main(family_args(families, name, cache, run, "train.save_every=2", "train.keep_last=3")) == 0
+    first = list_checkpoints(run)[0]
+    assert train.main(family_args(families, name, cache, resumed, "--resume-from", str(first))) == 0
+    assert_same_run(resumed, run)
+    assert "prompt: the tokenizer's chat template; answers end with" in capsys.readouterr().out
+    common = family_args(families, name, cache, run)
+    assert evaluate.main([*common, "--adapter", str(run / "final"), "--limit", "6", "--out", str(tmp_path / "e")]) == 0
+    assert len(json.loads((tmp_path / "e" / "predictions.json").read_text())) == 6
+    merged = tmp_path / "merged"
+    assert evaluate.main([*common, "--adapter", str(run / "final"), "--merge-to", str(merged),
+                          "--merge-precision", "fp32"]) == 0
+    (base,) = [p for p in cache.iterdir() if p.is_dir()]
+    ids = torch.randint(3, 700, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                              run / "final").eval()(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
+    torch.testing.assert_close(plain, reference, rtol=1e-5, atol=1e-4)
+
+
+def loss_and_grads(families, name, batch, cache, attn, logits_only=True, **model_kwargs):
+    cfg = ModelConfig(name=str(families[name][0]), random_init=True, random_init_cache=str(cache),
+                      attn_implementation=attn, **model_kwargs)
+    model = build_model(cfg, LoraConfig(dropout=0.0), "fp32", CPU, seed=0)
+    loss = micro_batch_loss(model, batch, "fp32", CPU, logits_only)
+    loss.backward()
+    return loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_lever_keeps_the_loss_and_gradient_or_is_refused(families, name, tmp_path):
+    """Rows longer than the toy sliding windows (48 tokens): packed rows under varlen attention
+    (the window honoured per example), logits at supervised positions only (Gemma-2's final
+    soft-capping applied), fewer recomputed layers, compiled layers (each family's own decoder layer)."""
+    prompter = prompter_of(families, name)
+    rows = [r for r in (encode_example(e, prompter, 320) for e in load_examples(str(FIXTURE))[:3]) if r]
+    assert min(len(r.input_ids) for r in rows) > 48
+    padded, packed = collate(rows, prompter.tokenizer.pad_token_id), collate_packed(rows)
+    attn = ATTENTION.get(name, "sdpa")
+    reference = loss_and_grads(families, name, padded, tmp_path, attn, logits_only=False)
+    variants = [(packed, attn, {}), (padded, attn, {"recompute_layers": 0})]
+    if FAMILIES[name].model_type != "llama":  # Llama's compiled layer: tests/test_loop.py
+        variants.append((packed, attn, {"compile_layers": True}))
+    if attn == "eager":
+        with pytest.raises(UserError, match="soft-caps its attention logits"):
+            loss_and_grads(families, name, packed, tmp_path, "varlen")
+    else:
+        variants.append((packed, "varlen", {}))
+    for batch, variant_attn, kwargs in variants:
+        loss, grads = loss_and_grads(families, name, batch, tmp_path, variant_attn, **kwargs)
+        what = f"{variant_attn} {kwargs} {'packed' if 'position_ids' in batch else 'padded'}"
+        torch.testing.assert_close(loss, reference[0], rtol=1e-5, atol=1e-4, msg=what)
+        for a, b in zip(grads, reference[1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=what)
+
+
+def test_a_long_context_is_cut_inside_the_chat_turn_around_the_answer(families):
+    prompter = prompter_of(families, "qwen2.5")
+    for e in load_examples(str(FIXTURE)):
+        limit = len(encode_example(e, prompter, 4096).input_ids) - 25
+        row = encode_example(e, prompter, limit)
+        assert row.truncated and len(row.input_ids) <= limit
+        prompt = prompter.tokenizer.decode(row.input_ids[:len(row.input_ids) - row.n_supervised])
+        assert e.answer in prompt.split("Context: ")[1].split("\n\nQuestion: ")[0], e.id
+        assert e.question in prompt and prompt.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*-korquad.yaml")), ids=lambda p: p.stem)
+def test_each_shipped_config_sets_only_levers_its_architecture_allows(path):
+    cfg = load_config(path)
+    architecture = read_architecture(cfg.model)
+    assert refused_levers(cfg.model, architecture) == []
+    peak = estimate_for_config(cfg, architecture, cfg.data.max_length)["total"]
+    assert 4 * 2**30 < peak < 16 * 2**30  # every one is meant for a 16 GB card
