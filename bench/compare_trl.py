@@ -43,9 +43,10 @@ from qlora.config import Config, load_config  # noqa: E402
 from qlora.data import IGNORE, prepare_data  # noqa: E402
 from qlora.loop import StepSettings, micro_batch_loss, train_step  # noqa: E402
 from qlora.memory import GIB, MemoryMeter, step_peak_gib  # noqa: E402
-from qlora.prompts import build_prompter  # noqa: E402
+from qlora.families import LEVER_LIMITS  # noqa: E402
 from qlora.model import apply_levers, build_model, load_base_model, load_tokenizer, read_architecture, resolve_device  # noqa: E402
 from qlora.optim import build_training_state  # noqa: E402
+from qlora.prompts import build_prompter  # noqa: E402
 
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM; the H200 has the same tensor cores
 SHAPES = {"closed_book": ["data.format=closed_book", "data.max_length=512"],
@@ -70,9 +71,20 @@ LEVERS = [  # (name, config overrides added to the previous variant's)
 PLAIN = LEVERS[0][1]  # TRL's side: padded rows, SDPA, uncompiled, every layer recomputed
 
 
-def setup(config: str, shape: str, overrides: list[str]) -> tuple[Config, Any, Any, torch.device]:
-    """The job's config (config file + JOB + shape + overrides), tokenizer, tokenized data, device."""
-    cfg = load_config(config, [*JOB, *SHAPES[shape], *overrides])
+def job_config(config: str, shape: str, overrides: list[str], added: list[str] = ()) -> Config:
+    """config file + JOB + shape + overrides + `added` (a lever's or TRL's side). A lever the model's
+    architecture rules out (qlora/families.py) keeps the value of config file + overrides on both
+    sides: Gemma-2 trains with eager attention, as TRL's docs advise for it too."""
+    own = load_config(config, [*JOB, *SHAPES[shape], *overrides])
+    architecture = read_architecture(own.model)
+    pinned = [f"model.{limit.key}={getattr(own.model, limit.key)}" for limit in LEVER_LIMITS
+              if limit.applies(architecture)]
+    return load_config(config, [*JOB, *SHAPES[shape], *overrides, *added, *pinned])
+
+
+def setup(config: str, shape: str, overrides: list[str], added: list[str] = ()) -> tuple[Config, Any, Any, torch.device]:
+    """The job's config (job_config), tokenizer, tokenized data, device."""
+    cfg = job_config(config, shape, overrides, added)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, build_prompter(tokenizer, cfg.data.format, cfg.data.chat_template_kwargs),
                         cfg.train.seed)
@@ -131,7 +143,7 @@ def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_las
     for name, change in levers:
         added += change
         variants.append((name if not skip else f"{name} (without {', '.join(skip)})",
-                         load_config(config, [*JOB, *SHAPES[shape], *overrides, *added])))
+                         job_config(config, shape, overrides, added)))
     model = build_model(variants[0][1].model, cfg.lora, cfg.train.precision, device, cfg.train.seed)
     params, results, previous = n_params(cfg), [], variants[0][1]
     for index, (name, variant) in enumerate(variants):
@@ -228,7 +240,7 @@ def trl_trainer(cfg: Config, model: Any, tokenizer: Any, rows: list[Any], steps:
 def run_trl(config: str, shape: str, overrides: list[str], steps: int) -> list[dict]:
     from transformers import TrainerCallback
 
-    cfg, tokenizer, data, device = setup(config, shape, [*overrides, *PLAIN])
+    cfg, tokenizer, data, device = setup(config, shape, overrides, PLAIN)
 
     class StepClock(TrainerCallback):
         """Wall time of each optimizer step, synchronized with the GPU."""
@@ -281,7 +293,7 @@ def run_parity(config: str, shape: str, overrides: list[str], steps: int) -> lis
     if device.type == "cuda":
         torch.cuda.empty_cache()
     rows = [r for step in range(steps) for batch in order.window(step)[1] for r in batch]
-    trl_cfg = load_config(config, [*JOB, *SHAPES[shape], *overrides, *PARITY, *PLAIN])
+    trl_cfg = job_config(config, shape, [*overrides, *PARITY], PLAIN)
     trl_model = build_model(trl_cfg.model, cfg.lora, cfg.train.precision, device, cfg.train.seed)  # same adapter
     with tempfile.TemporaryDirectory() as tmp:
         trainer = trl_trainer(trl_cfg, trl_model, tokenizer, rows, steps, Path(tmp), sequential=True, peft=False)

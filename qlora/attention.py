@@ -82,8 +82,11 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
         kwargs["scale"] = scale
     elif scale is not None and abs(scale * q.shape[-1] ** 0.5 - 1) > 1e-6:
         raise RuntimeError("this torch's varlen_attn has no `scale`; the model's attention scale is not 1/sqrt(D)")
-    if k.shape[1] != q.shape[1]:
+    if k.shape[1] != q.shape[1] and "enable_gqa" in _VARLEN_ACCEPTS:
         kwargs["enable_gqa"] = True
+    elif k.shape[1] != q.shape[1]:  # torch 2.11's varlen_attn takes no grouped heads: repeat K and V
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
 
 
