@@ -1,6 +1,7 @@
 """The same QLoRA job through this project's loop and through TRL's SFTTrainer, on the GPU.
 
-Both sides: Llama-2-7B architecture with random weights, NF4 + double quantization, LoRA r=16 /
+Both sides: the --config's architecture (default Llama-2-7B; configs/*-korquad.yaml for the other
+families) with random weights, NF4 + double quantization, LoRA r=16 /
 alpha 32 / dropout 0.05 on q,k,v,o, gradient checkpointing, paged 8-bit AdamW, batch 4 x
 accumulation 4, lr 2e-4, bf16, the KorQuAD dev file, the same tokenizer and the same tokenized
 rows (prompt masked, answer + EOS learned). TRL is an optional extra (`pip install -e '.[bench]'`)

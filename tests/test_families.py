@@ -114,11 +114,11 @@ def test_family_trains_resumes_evaluates_and_merges(families, name, tmp_path, ca
     torch.testing.assert_close(plain, reference, rtol=1e-5, atol=1e-4)
 
 
-def loss_and_grads(families, name, batch, cache, attn, logits_only=True, **model_kwargs):
+def loss_and_grads(families, name, batch, cache, attn, logits_only=True, precision="fp32", **model_kwargs):
     cfg = ModelConfig(name=str(families[name][0]), random_init=True, random_init_cache=str(cache),
                       attn_implementation=attn, **model_kwargs)
-    model = build_model(cfg, LoraConfig(dropout=0.0), "fp32", CPU, seed=0)
-    loss = micro_batch_loss(model, batch, "fp32", CPU, logits_only)
+    model = build_model(cfg, LoraConfig(dropout=0.0), precision, CPU, seed=0)
+    loss = micro_batch_loss(model, batch, precision, CPU, logits_only)
     loss.backward()
     return loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]
 
@@ -127,7 +127,8 @@ def loss_and_grads(families, name, batch, cache, attn, logits_only=True, **model
 def test_each_lever_keeps_the_loss_and_gradient_or_is_refused(families, name, tmp_path):
     """Rows longer than the toy sliding windows (48 tokens): packed rows under varlen attention
     (the window honoured per example), logits at supervised positions only (Gemma-2's final
-    soft-capping applied), fewer recomputed layers, compiled layers (each family's own decoder layer)."""
+    soft-capping applied), fewer recomputed layers, compiled layers (each family's own decoder
+    layer); bf16 norms within bf16 rounding."""
     prompter = prompter_of(families, name)
     rows = [r for r in (encode_example(e, prompter, 320) for e in load_examples(str(FIXTURE))[:3]) if r]
     assert min(len(r.input_ids) for r in rows) > 48
@@ -148,6 +149,10 @@ def test_each_lever_keeps_the_loss_and_gradient_or_is_refused(families, name, tm
         torch.testing.assert_close(loss, reference[0], rtol=1e-5, atol=1e-4, msg=what)
         for a, b in zip(grads, reference[1]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=what)
+    # bf16 norms, embeddings and head (model.upcast_non_quantized=false): bf16 rounding, no more
+    losses = [loss_and_grads(families, name, packed, tmp_path, attn, precision="bf16", upcast_non_quantized=up)[0]
+              for up in (True, False)]
+    assert abs(losses[1] / losses[0] - 1) < 0.02
 
 
 def test_a_long_context_is_cut_inside_the_chat_turn_around_the_answer(families):

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Many GPUs of one machine: train.py on the real job's config (random weights) with 1 process, then
+# with torchrun on N GPUs, the global batch grown N times (train.grad_accum x N) and kept.
+#   OUT=DIR TOKENIZER=DIR DATA=KorQuAD_v1.0_dev.json bash bench/scaling_gpu.sh N [STEPS]
+set -u
+n=$1; steps=${2:-10}
+C=configs/llama2-7b-korquad.yaml
+D="model.random_init=true model.tokenizer=$TOKENIZER data.source=$DATA train.progress_bar=false train.max_steps=$steps"
+run() {
+  name=$1; shift; s=$(date +%s)
+  "$@" --config $C $D train.output_dir=/tmp/scale-$name > "$OUT/$name.log" 2>&1
+  echo "$name rc=$? $(( $(date +%s) - s )) s"
+  cp /tmp/scale-$name/metrics.jsonl "$OUT/$name.metrics.jsonl"
+  python3 bench/scaling.py /tmp/scale-$name/metrics.jsonl $name | tee -a "$OUT/scaling.jsonl"
+}
+run gpu1 python3 train.py
+run gpu$n-grown torchrun --nproc-per-node $n train.py train.grad_accum=$((4 * n))
+run gpu$n-kept torchrun --nproc-per-node $n train.py
