@@ -55,19 +55,20 @@ MODULE_DIMS = {  # (in, out) of each linear layer of a decoder block, as functio
 
 def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: tuple[str, ...],
                   lora_dropout: bool, optimizer: str, recompute: bool, double_quant: bool,
-                  logits_everywhere: bool, compute_bytes: int = 2,
+                  logits_everywhere: bool, compute_bytes: int = 2, stream_bytes: int = 4,
                   recompute_layers: int | None = None) -> dict[str, int]:
     """Predicted peak allocated bytes of one training step, by component.
 
     - quantized weights: 4 bits per weight + one absmax per 64 weights (8-bit with double
       quantization, fp32 without);
-    - embeddings, LM head and norms: fp32 (prepare_model_for_kbit_training upcasts them);
+    - embeddings, LM head and norms: `stream_bytes` each: fp32 as prepare_model_for_kbit_training
+      upcasts them, or the compute dtype (model.upcast_non_quantized=false);
     - LoRA: fp32 weights + fp32 gradients; optimizer: 2 states of 1 byte (8-bit, + an fp32 absmax
       per 256) or 4 bytes (torch AdamW);
-    - activations: the residual stream is fp32 (fp32 norm weights promote it). One layer saves its
-      matmul inputs, attention and MLP intermediates in the compute dtype, its fp32 norm outputs,
-      and, with LoRA dropout, an fp32 dropped copy and a mask of the input of each adapted module.
-      With recompute every recomputed layer keeps only its fp32 input (the others all their saved
+    - activations: the residual stream has the norms' dtype (fp32 norm weights promote it). One
+      layer saves its matmul inputs, attention and MLP intermediates in the compute dtype, its norm
+      outputs, and, with LoRA dropout, a dropped copy and a mask of the input of each adapted module.
+      With recompute every recomputed layer keeps only its input (the others all their saved
       tensors), and the layer being recomputed adds its saved tensors plus about half again for
       their gradients (fitted on Llama-2-7B, H200); without, every layer keeps its saved tensors;
     - logits: fp32 [batch, positions, vocab] plus its gradient, at every position or only at the
@@ -77,15 +78,15 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
     linear_params = shape.layers * sum(i * o for i, o in per_layer)
     absmax = 1 + 4 / 256 if double_quant else 4
     quantized = linear_params * 0.5 + linear_params / 64 * absmax
-    fp32_rest = (((1 if shape.tied else 2) * shape.vocab + (2 * shape.layers + 1)) * shape.hidden) * 4
+    rest = (((1 if shape.tied else 2) * shape.vocab + (2 * shape.layers + 1)) * shape.hidden) * stream_bytes
     lora_params = shape.layers * sum(lora_r * sum(MODULE_DIMS[t](shape)) for t in targets)
     state_bytes = 2 * (1 + 4 / 256) if optimizer in ("paged_adamw_8bit", "adamw_8bit") else 8
     tokens = batch * seq
     kv, q = shape.kv_heads * shape.head_dim, shape.heads * shape.head_dim
-    dropout_copies = sum(MODULE_DIMS[t](shape)[0] for t in targets) * (4 + 1) if lora_dropout else 0
+    dropout_copies = sum(MODULE_DIMS[t](shape)[0] for t in targets) * (stream_bytes + 1) if lora_dropout else 0
     layer_saved = tokens * (compute_bytes * (3 * shape.hidden + q + 2 * kv + 3 * shape.intermediate)
-                            + 4 * 3 * shape.hidden + dropout_copies)
-    residual = tokens * shape.hidden * 4
+                            + stream_bytes * 3 * shape.hidden + dropout_copies)
+    residual = tokens * shape.hidden * stream_bytes
     if recompute:
         kept = shape.layers if recompute_layers is None else min(recompute_layers, shape.layers)
         activations = kept * residual + (shape.layers - kept) * layer_saved + 1.5 * layer_saved
@@ -95,16 +96,17 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
     logits = batch * positions * shape.vocab * (compute_bytes + 4 + 4)
     # dequantizing one weight matrix for the matmul, forward and backward
     dequant = 2 * compute_bytes * max(i * o for i, o in per_layer)
-    return {"quantized_weights": int(quantized), "fp32_embeddings_head_norms": int(fp32_rest),
+    return {"quantized_weights": int(quantized), "embeddings_head_norms": int(rest),
             "lora_weights_and_grads": lora_params * 8, "optimizer_state": int(lora_params * state_bytes),
             "activations": int(activations), "logits": int(logits), "dequant_workspace": dequant,
-            "total": int(quantized + fp32_rest + lora_params * (8 + state_bytes) + activations + logits + dequant)}
+            "total": int(quantized + rest + lora_params * (8 + state_bytes) + activations + logits + dequant)}
 
 
 def estimate_for_config(cfg: Config, hf_config: Any, seq: int) -> dict[str, int]:
     """The estimate for a run of `cfg` whose longest batch is `seq` tokens wide (packed: one row
     of up to the pack length)."""
     batch = cfg.train.batch_size
+    compute_bytes = 4 if cfg.train.precision == "fp32" else 2
     if cfg.data.packing:
         batch, seq = 1, pack_length(cfg.data, cfg.train)
     return estimate_peak(shape_of(hf_config), batch=batch, seq=seq, lora_r=cfg.lora.r,
@@ -114,7 +116,8 @@ def estimate_for_config(cfg: Config, hf_config: Any, seq: int) -> dict[str, int]
                          recompute_layers=cfg.model.recompute_layers,
                          double_quant=cfg.model.double_quant,
                          logits_everywhere=not cfg.train.supervised_logits_only,
-                         compute_bytes=4 if cfg.train.precision == "fp32" else 2)
+                         compute_bytes=compute_bytes,
+                         stream_bytes=4 if cfg.model.upcast_non_quantized else compute_bytes)
 
 
 def format_estimate(estimate: dict[str, int]) -> str:
