@@ -106,8 +106,9 @@ def answer_and_score(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     model = load_for_inference(cfg.model, cfg.train.precision, device, cfg.train.seed,
                                None if args.no_adapter else args.adapter, cfg.eval.quantized)
     started = time.perf_counter()
-    answers = generate_answers(model, prompter, examples[world.rank::world.size], cfg.data.max_length, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                               cfg.train.precision, device, progress=cfg.train.progress_bar and world.is_main)
+    answers = generate_answers(model, prompter, examples[world.rank::world.size], cfg.data.max_length,
+                               cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.train.precision, device,
+                               progress=cfg.train.progress_bar and world.is_main)
     shares = distributed.gather_to_main(answers, world)  # a sync point: every rank's answers on rank 0
     seconds = time.perf_counter() - started
     if not world.is_main:

@@ -98,7 +98,8 @@ class DataConfig:
     chat_template_kwargs: dict[str, Any] = key(
         {}, "Extra variables for the chat template, e.g. {enable_thinking: false} (Qwen3) or "
             "{date_string: 26 Jul 2024} (Llama-3.2 writes today's date into every prompt otherwise).")
-    max_length: int = key(512, "Tokens per example, prompt + answer + EOS. Only the context is ever cut to fit.",
+    max_length: int = key(512, "Tokens per example, prompt + answer + its end token. Only the context is ever "
+                               "cut to fit.",
                           lowers_peak="lower")
     limit: int | None = key(None, "Keep the first N examples after de-duplication and shuffling (null: all).")
     shuffle: bool = key(False, "Shuffle (with train.seed) before taking limit.")

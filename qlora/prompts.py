@@ -49,15 +49,17 @@ USER_MARK, ANSWER_MARK = "QLORAUSERMARK", "QLORAANSWERMARK"
 @dataclass(frozen=True)
 class ChatLayout:
     """A chat template cut at its two contents: the rendered conversation of one question is
-    head + user + middle + answer + tail, each content trimmed where the template trims it.
-    `middle` ends with the generation prompt and whatever the template puts before an answer beyond
-    it (`lead`: Qwen3's empty thinking block)."""
+    head + user + middle + joiner + answer + end of turn..., each content stripped of the
+    whitespace the template strips. `middle` ends with the generation prompt and whatever the
+    template puts before an answer beyond it (`lead`: Qwen3's empty thinking block). `joiner` is
+    the spaces the template writes right before the answer (Mistral-v0.3's "[/INST] answer"):
+    they belong to the answer's first token, so they are learned with the answer, not prompted."""
     head: str
     middle: str
-    tail: str
+    joiner: str
     lead: str
-    trims_user: bool
-    trims_answer: bool
+    user_strips: Strips
+    answer_strips: Strips
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class Prompter:
         user = self.format.text.format(question=question, context=context)
         if self.chat is None:
             return user
-        return self.chat.head + (user.strip() if self.chat.trims_user else user) + self.chat.middle
+        return self.chat.head + self.chat.user_strips.apply(user) + self.chat.middle
 
     def prompt_ids(self, question: str, context: str = "") -> list[int]:
         # A chat template writes its own BOS (or none); the tokenizer must not add another.
@@ -84,8 +86,11 @@ class Prompter:
     def answer_ids(self, answer: str) -> list[int]:
         """Tokenized on its own, then joined to the prompt's ids: SentencePiece would merge pieces
         across the boundary of the joined text, so the answer's ids could not be found in it."""
-        text = answer.strip() if self.chat and self.chat.trims_answer else answer
-        return self.tokenizer(text, add_special_tokens=False).input_ids + [self.end_id]
+        return self.tokenizer(self.answer_text(answer), add_special_tokens=False).input_ids + [self.end_id]
+
+    def answer_text(self, answer: str) -> str:
+        """The answer as the template writes it: stripped as it strips, after its joining spaces."""
+        return self.chat.joiner + self.chat.answer_strips.apply(answer) if self.chat else answer
 
     def render_chat(self, question: str, context: str, answer: str | None) -> str:
         """The tokenizer's own rendering of one question (and its answer): what `text` and
@@ -102,15 +107,22 @@ class Prompter:
         if self.chat.lead:
             line += (f"; the template puts {self.chat.lead!r} before an answer beyond its generation prompt: "
                      "it is part of the prompt, not learned")
-        if self.chat.trims_answer:
-            line += "; the template trims the answer's surrounding whitespace: so does the learned answer"
+        if self.chat.joiner:
+            line += f"; the template writes {self.chat.joiner!r} before the answer: learned with it"
+        if self.chat.answer_strips.chars:
+            line += "; the template strips whitespace around the answer: so does the learned answer"
         return line
 
 
 def build_prompter(tokenizer: Any, fmt: str, template_kwargs: dict[str, Any] | None = None) -> Prompter:
     template_kwargs = dict(template_kwargs or {})
     if not FORMATS[fmt].chat:
+        if template_kwargs:
+            raise UserError(f"data.chat_template_kwargs is set, but data.format={fmt} uses no chat template")
         return Prompter(tokenizer, FORMATS[fmt], tokenizer.eos_token_id)
+    if RESERVED & template_kwargs.keys():
+        raise UserError(f"data.chat_template_kwargs: {', '.join(sorted(RESERVED & template_kwargs.keys()))} "
+                        "is set by the loop itself")
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"data.format={fmt} needs a tokenizer with a chat template, and this one has none "
                         "(a base model's? use format extractive, or model.tokenizer=the instruct model's)")
@@ -125,19 +137,54 @@ def chat_layout(tokenizer: Any, kwargs: dict[str, Any]) -> tuple[ChatLayout, int
     if full.count(USER_MARK) != 1 or full.count(ANSWER_MARK) != 1:
         raise UserError("the chat template does not render one user turn and one answer as given")
     head, rest = full.split(USER_MARK)
-    middle, tail = rest.split(ANSWER_MARK)
-    spaced = _render(tokenizer, _messages(f" {USER_MARK} ", f" {ANSWER_MARK} "), False, kwargs)
+    before_answer, tail = rest.split(ANSWER_MARK)
+    middle = before_answer.rstrip(" ")
+    prompt = head + USER_MARK + middle
     generation = _render(tokenizer, _messages(USER_MARK, None), True, kwargs)
-    if not (head + USER_MARK + middle).startswith(generation):
+    if not prompt.startswith(generation):
         raise UserError("the chat template's generation prompt is not the start of its rendered answer "
                         "turn: training and generation would see different prompts")
     tail_ids = tokenizer(tail, add_special_tokens=False).input_ids
     if not tail_ids or not _is_special(tokenizer, tail_ids[0]):
         raise UserError(f"the chat template ends an answer with {tail[:20]!r}, not a special token: "
                         "generation could not stop on it")
-    layout = ChatLayout(head=head, middle=middle, tail=tail, lead=(head + USER_MARK + middle)[len(generation):],
-                        trims_user=f" {USER_MARK} " not in spaced, trims_answer=f" {ANSWER_MARK} " not in spaced)
+    layout = ChatLayout(head=head, middle=middle, joiner=before_answer[len(middle):], lead=prompt[len(generation):],
+                        user_strips=_probe_strips(tokenizer, kwargs, USER_MARK, full),
+                        answer_strips=_probe_strips(tokenizer, kwargs, ANSWER_MARK, full))
     return layout, tail_ids[0]
+
+
+@dataclass(frozen=True)
+class Strips:
+    """Which whitespace a template strips from a content, on which side (Jinja's trim: all of it;
+    Qwen3's answer: leading newlines)."""
+    left: str = ""
+    right: str = ""
+
+    @property
+    def chars(self) -> str:
+        return self.left + self.right
+
+    def apply(self, text: str) -> str:
+        return text.lstrip(self.left).rstrip(self.right) if self.chars else text
+
+
+WHITESPACE = (" ", "\n", "\t")
+
+
+def _probe_strips(tokenizer: Any, kwargs: dict[str, Any], mark: str, full: str) -> Strips:
+    """Render one content wrapped in each whitespace character and see which survive: what the
+    rendering gains around the mark, against `full` (the rendering of the bare marks)."""
+    before, after = full.split(mark)
+    left = right = ""
+    for c in WHITESPACE:
+        probe = c + mark + c
+        user, answer = (probe, ANSWER_MARK) if mark == USER_MARK else (USER_MARK, probe)
+        text = _render(tokenizer, _messages(user, answer), False, kwargs)
+        at = text.index(mark)
+        left += "" if text[len(before):at] == c else c
+        right += "" if text[at + len(mark):len(text) - len(after)] == c else c
+    return Strips(left, right)
 
 
 def _is_special(tokenizer: Any, token_id: int) -> bool:
@@ -148,6 +195,9 @@ def _is_special(tokenizer: Any, token_id: int) -> bool:
 def _messages(user: str, answer: str | None) -> list[dict[str, str]]:
     turns = [{"role": "user", "content": user}]
     return turns + ([{"role": "assistant", "content": answer}] if answer is not None else [])
+
+
+RESERVED = frozenset({"conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message"})
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, kwargs: dict[str, Any]) -> str:

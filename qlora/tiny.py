@@ -3,7 +3,7 @@
 Each layout copies how one family's real tokenizer is built, trained with the `tokenizers` library:
 - SentencePiece-style ("sentencepiece" = Llama-2, "mistral", "gemma"): BPE over "▁"-marked text with
   byte fallback (<0x00>..<0xFF>), a BOS prepended; Gemma marks no space before the text;
-- byte-level BPE ("bytelevel" = GPT-2, "llama3", "qwen", "qwen3"): Llama-3 prepends
+- byte-level BPE ("bytelevel" = GPT-2, "llama3", "llama3-base", "qwen", "qwen3"): Llama-3 prepends
   <|begin_of_text|>, Qwen and GPT-2 nothing;
 each with its family's special tokens (chat turn markers, EOS, pad) and, given a template file, its
 real chat template (configs/templates/).
@@ -49,6 +49,9 @@ LAYOUTS = {
     "bytelevel": TokenizerLayout(False, None, "<|endoftext|>"),
     "llama3": TokenizerLayout(False, "<|begin_of_text|>", "<|eot_id|>",
                               specials=("<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>")),
+    # a base model's tokenizer that ships the chat template: its EOS is not the end of a turn
+    "llama3-base": TokenizerLayout(False, "<|begin_of_text|>", "<|end_of_text|>",
+                                   specials=("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>")),
     "qwen": TokenizerLayout(False, None, "<|im_end|>", pad="<|endoftext|>", specials=("<|im_start|>",)),
     "qwen3": TokenizerLayout(False, None, "<|im_end|>", pad="<|endoftext|>", specials=("<|im_start|>",),
                              added=("<think>", "</think>")),
