@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(cfg.model)
     prompter = build_prompter(tokenizer, cfg.data.format, cfg.data.chat_template_kwargs)
     data = prepare_data(cfg.data, prompter, t.seed)
+    cfg = plan_memory(args, cfg, data)  # with train.memory_budget_gib: the fastest recompute that fits
     estimate = report_data(args, cfg, data, tokenizer)
     if args.inspect_data is not None:
         return
@@ -151,6 +152,24 @@ def load_model(cfg: Config, device: torch.device, world: World) -> torch.nn.Modu
     trainable, total = trainable_parameters(model)
     print(f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%) on {device}")
     return model
+
+
+def plan_memory(args: argparse.Namespace, cfg: Config, data: TokenizedData) -> Config:
+    """The config with the memory plan applied (qlora/plan.py), printed; the config as it is
+    without train.memory_budget_gib or when it sets the planned keys itself."""
+    from qlora.config import given_keys
+    from qlora.model import read_architecture
+    from qlora.plan import choose, format_plans
+
+    seq = max(len(r.input_ids) for r in data.rows)
+    planned, plans, chosen = choose(cfg, read_architecture(cfg.model), seq, given_keys(args.config, args.overrides))
+    if chosen is not None:
+        budget = cfg.train.memory_budget_gib
+        print(f"memory plan: {chosen.describe()}, estimated peak {chosen.peak_bytes / 2**30:.2f} GiB of a "
+              f"{budget:g} GiB budget, {chosen.speed:.2f}x the speed of recomputing every layer")
+        if args.estimate_memory:
+            print(format_plans(plans, chosen, budget))
+    return planned
 
 
 def report_data(args: argparse.Namespace, cfg: Config, data: TokenizedData, tokenizer: Any) -> dict[str, int] | None:

@@ -141,6 +141,11 @@ class TrainConfig:
     keep_last: int = key(2, "How many checkpoints to keep.", resume_safe=True)
     progress_bar: bool = key(True, "Show the tqdm progress bar (metrics.jsonl is written either way).",
                              resume_safe=True)
+    memory_budget_gib: float | None = key(
+        None, "Plan for this much GPU memory (GiB; e.g. 16 for a 16 GB card): before the model loads, the run "
+              "picks the fastest recompute setting that the memory estimate says fits, and prints it "
+              "(qlora/plan.py; --estimate-memory lists every candidate). null: no plan. A config that sets "
+              "model.recompute_activations or model.recompute_layers keeps its own.", resume_safe=True)
 
 
 @dataclass(frozen=True)
@@ -247,6 +252,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must hold a mapping of sections")
     return raw
+
+
+def given_keys(path: str | Path, overrides: list[str] = ()) -> set[str]:
+    """The "section.key" names the file and the overrides set themselves (not left to defaults)."""
+    raw = read_yaml(path)
+    for item in overrides:
+        apply_override(raw, item)
+    return {f"{section}.{name}" for section, values in raw.items() if isinstance(values, dict) for name in values}
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -365,6 +378,7 @@ def check_values(cfg: Config) -> list[str]:
         (0 <= t.warmup_ratio < 1, "train.warmup_ratio: must be in [0, 1) (warmup cannot be as long as training)"),
         (t.max_grad_norm > 0, "train.max_grad_norm: must be > 0"),
         (t.save_every >= 0, "train.save_every: must be >= 0"),
+        (t.memory_budget_gib is None or t.memory_budget_gib > 0, "train.memory_budget_gib: must be > 0 or null"),
         (t.keep_last >= 1, "train.keep_last: must be >= 1"),
         (t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
          f"train.device: {t.device!r} is not allowed (allowed: auto, cpu, cuda, cuda:N)"),
