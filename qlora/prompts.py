@@ -109,8 +109,10 @@ class Prompter:
                      "it is part of the prompt, not learned")
         if self.chat.joiner:
             line += f"; the template writes {self.chat.joiner!r} before the answer: learned with it"
-        if self.chat.answer_strips.chars:
-            line += "; the template strips whitespace around the answer: so does the learned answer"
+        strips = self.chat.answer_strips
+        if strips.chars:
+            sides = [f"{side} {chars!r}" for side, chars in (("leading", strips.left), ("trailing", strips.right)) if chars]
+            line += f"; the template strips the answer's {' and '.join(sides)}: so does the learned answer"
         return line
 
 

@@ -9,6 +9,7 @@ each with its family's special tokens (chat turn markers, EOS, pad) and, given a
 real chat template (configs/templates/).
 
     python -m qlora.tiny OUT_DIR --kind sentencepiece --vocab 2000 TEXT_OR_KORQUAD_JSON...
+    python -m qlora.tiny OUT_DIR --family qwen3 --vocab 800 configs/tiny/korquad_tiny.json   # a toy Qwen3
 """
 
 from __future__ import annotations
@@ -143,15 +144,22 @@ def main() -> None:
     p.add_argument("sources", nargs="+", help="KorQuAD-layout JSON files or plain text files")
     p.add_argument("--kind", default="sentencepiece", choices=list(LAYOUTS))
     p.add_argument("--chat-template", type=Path, help="a .jinja file (configs/templates/) to ship with it")
+    p.add_argument("--family", choices=list(FAMILIES),
+                   help="instead: a toy model of this family, its tokenizer and chat template, in OUT/model "
+                        "and OUT/tokenizer (train with model.random_init=true)")
     p.add_argument("--vocab", type=int, default=2000)
     p.add_argument("--limit-alphabet", type=int)
     args = p.parse_args()
-    texts = template_words() * 50
+    texts = []
     for source in map(Path, args.sources):
         texts += korquad_texts(source) if source.suffix == ".json" else source.read_text().splitlines()
+    if args.family:
+        model, tokenizer = build_family(args.family, texts, Path(args.out), args.vocab)
+        print(f"model.name={model} model.tokenizer={tokenizer} model.random_init=true data.format=chat")
+        return
     template = args.chat_template.read_text(encoding="utf-8") if args.chat_template else None
-    build_tokenizer(texts, args.kind, args.vocab, args.limit_alphabet, template).save_pretrained(args.out)
-
+    build_tokenizer(texts + template_words() * 50, args.kind, args.vocab, args.limit_alphabet,
+                    template).save_pretrained(args.out)
 
 if __name__ == "__main__":
     main()

@@ -79,7 +79,7 @@ def test_what_each_template_adds_is_reported(families):
     assert "'<think>\\n\\n</think>\\n\\n' before an answer" in thinking.describe()
     assert prompter_of(families, "qwen3").chat.lead == ""
     gemma = prompter_of(families, "gemma2")
-    assert gemma.chat.answer_strips.chars and "strips whitespace around the answer" in gemma.describe()
+    assert "strips the answer's leading ' \\n\\t' and trailing ' \\n\\t'" in gemma.describe()
     plain = prompter_of(families, "llama3", "extractive")
     assert plain.chat is None and plain.prompt_ids("질문")[0] == plain.tokenizer.bos_token_id
     with pytest.raises(UserError, match="messages is set by the loop itself"):
@@ -205,3 +205,15 @@ def test_each_shipped_config_sets_only_levers_its_architecture_allows(path):
     assert refused_levers(cfg.model, architecture) == []
     peak = estimate_for_config(cfg, architecture, cfg.data.max_length)["total"]
     assert 2**30 < peak < 16 * 2**30  # every one is meant for a 16 GB card
+
+
+def test_the_toy_family_command_builds_what_train_needs(tmp_path, monkeypatch, capsys):
+    from qlora import tiny
+
+    monkeypatch.setattr("sys.argv", ["qlora.tiny", str(tmp_path), "--family", "gemma2", "--vocab", "600", str(FIXTURE)])
+    tiny.main()
+    printed = capsys.readouterr().out.split()
+    assert printed[0] == f"model.name={tmp_path / 'model'}" and "data.format=chat" in printed
+    prompter = build_prompter(AutoTokenizer.from_pretrained(tmp_path / "tokenizer"), "chat")
+    assert prompter.tokenizer.convert_ids_to_tokens(prompter.end_id) == "<end_of_turn>"
+    assert read_architecture(ModelConfig(name=str(tmp_path / "model"))).model_type == "gemma2"
