@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(cfg.model)
     prompter = build_prompter(tokenizer, cfg.data.format, cfg.data.chat_template_kwargs)
     data = prepare_data(cfg.data, prompter, t.seed)
-    cfg = plan_memory(args, cfg, data)  # with train.memory_budget_gib: the fastest recompute that fits
+    if args.inspect_data is None:  # a data-only command plans nothing
+        cfg = plan_memory(args, cfg, data)  # with train.memory_budget_gib: the fastest recompute that fits
     estimate = report_data(args, cfg, data, tokenizer)
     if args.inspect_data is not None:
         return
@@ -156,20 +157,32 @@ def load_model(cfg: Config, device: torch.device, world: World) -> torch.nn.Modu
 
 def plan_memory(args: argparse.Namespace, cfg: Config, data: TokenizedData) -> Config:
     """The config with the memory plan applied (qlora/plan.py), printed; the config as it is
-    without train.memory_budget_gib or when it sets the planned keys itself."""
+    without train.memory_budget_gib or when it sets the planned keys itself (then said)."""
     from qlora.config import given_keys
+    from qlora.estimate import estimate_for_config
+    from qlora.memory import size
     from qlora.model import read_architecture
-    from qlora.plan import choose, format_plans
+    from qlora.plan import PLANNED_KEYS, choose, format_plans
 
-    seq = max(len(r.input_ids) for r in data.rows)
-    planned, plans, chosen = choose(cfg, read_architecture(cfg.model), seq, given_keys(args.config, args.overrides))
+    budget = cfg.train.memory_budget_gib
+    architecture, seq = read_architecture(cfg.model), longest_row(data)
+    given = given_keys(args.config, args.overrides)
+    planned, plans, chosen = choose(cfg, architecture, seq, given)
     if chosen is not None:
-        budget = cfg.train.memory_budget_gib
-        print(f"memory plan: {chosen.describe()}, estimated peak {chosen.peak_bytes / 2**30:.2f} GiB of a "
+        print(f"memory plan: {chosen.describe()}, estimated peak {size(chosen.peak_bytes).strip()} of a "
               f"{budget:g} GiB budget, {chosen.speed:.2f}x the speed of recomputing every layer")
         if args.estimate_memory:
             print(format_plans(plans, chosen, budget))
+    elif budget is not None:
+        peak = estimate_for_config(cfg, architecture, seq)["total"]
+        print(f"memory plan: none, the config sets {' and '.join(k for k in PLANNED_KEYS if k in given)} itself; "
+              f"estimated peak {size(peak).strip()}, {'within' if peak <= budget * 2**30 else 'OVER'} the "
+              f"{budget:g} GiB budget")
     return planned
+
+
+def longest_row(data: TokenizedData) -> int:
+    return max(len(r.input_ids) for r in data.rows)
 
 
 def report_data(args: argparse.Namespace, cfg: Config, data: TokenizedData, tokenizer: Any) -> dict[str, int] | None:
@@ -181,7 +194,7 @@ def report_data(args: argparse.Namespace, cfg: Config, data: TokenizedData, toke
     print("\n".join(data.report.lines()), file=sys.stderr if args.json else sys.stdout)  # --json: stdout is JSON
     estimate = None
     if args.estimate_memory:
-        estimate = estimate_for_config(cfg, read_architecture(cfg.model), seq=max(len(r.input_ids) for r in data.rows))
+        estimate = estimate_for_config(cfg, read_architecture(cfg.model), seq=longest_row(data))
         print(format_estimate(estimate))
     if args.inspect_data is not None:
         show_examples(data, tokenizer, args.inspect_data, args.json)

@@ -142,9 +142,10 @@ class TrainConfig:
     progress_bar: bool = key(True, "Show the tqdm progress bar (metrics.jsonl is written either way).",
                              resume_safe=True)
     memory_budget_gib: float | None = key(
-        None, "Plan for this much GPU memory (GiB; e.g. 16 for a 16 GB card): before the model loads, the run "
-              "picks the fastest recompute setting that the memory estimate says fits, and prints it "
-              "(qlora/plan.py; --estimate-memory lists every candidate). null: no plan. A config that sets "
+        None, "Plan for this much peak allocated GPU memory, in GiB (a 16 GB card holds 14.9 GiB; leave about 2 "
+              "for the CUDA context and the allocator's slack: 13): before the model loads, the run picks the "
+              "fastest recompute setting that the memory estimate says fits, and prints it (qlora/plan.py; "
+              "--estimate-memory lists every candidate). null: no plan. A config that sets "
               "model.recompute_activations or model.recompute_layers keeps its own.", resume_safe=True)
 
 
@@ -193,10 +194,10 @@ def resume_safe_keys() -> set[str]:
     return {name for name, f in key_fields().items() if f.metadata["resume_safe"]}
 
 
-def peak_lowering_hints() -> str:
+def peak_lowering_hints(leave_out: tuple[str, ...] = ()) -> str:
     """The keys that lower the memory peak and which way to turn them, as one line."""
     return ", ".join(_lowering(name, f.metadata["lowers_peak"]) for name, f in key_fields().items()
-                     if f.metadata["lowers_peak"])
+                     if f.metadata["lowers_peak"] and name not in leave_out)
 
 
 def _lowering(name: str, hint: str) -> str:

@@ -68,9 +68,10 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
     - activations: the residual stream has the norms' dtype (fp32 norm weights promote it). One
       layer saves its matmul inputs, attention and MLP intermediates in the compute dtype, its norm
       outputs, and, with LoRA dropout, a dropped copy and a mask of the input of each adapted module.
-      With recompute every recomputed layer keeps only its input (the others all their saved
-      tensors), and the layer being recomputed adds its saved tensors plus about half again for
-      their gradients (fitted on Llama-2-7B, H200); without, every layer keeps its saved tensors;
+      With recompute every recomputed layer keeps only its input, and the peak is the larger of the
+      other layers' saved tensors and the layer being recomputed: its saved tensors plus about half
+      again for their gradients (fitted on Llama-2-7B, H200); without, every layer keeps its saved
+      tensors;
     - logits: fp32 [batch, positions, vocab] plus its gradient, at every position or only at the
       SUPERVISED_POSITIONS share.
     """
@@ -88,8 +89,10 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
                             + stream_bytes * 3 * shape.hidden + dropout_copies)
     residual = tokens * shape.hidden * stream_bytes
     if recompute:
-        kept = shape.layers if recompute_layers is None else min(recompute_layers, shape.layers)
-        activations = kept * residual + (shape.layers - kept) * layer_saved + 1.5 * layer_saved
+        # the recomputed (first) layers keep their inputs; the others' saved tensors are freed, last
+        # layer first, before the first recompute adds one layer's tensors and their gradients
+        recomputed = shape.layers if recompute_layers is None else min(recompute_layers, shape.layers)
+        activations = recomputed * residual + max((shape.layers - recomputed) * layer_saved, 1.5 * layer_saved)
     else:
         activations = shape.layers * layer_saved + residual
     positions = seq if logits_everywhere else max(1, math.ceil(seq * SUPERVISED_POSITIONS))
