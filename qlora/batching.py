@@ -38,8 +38,34 @@ def windows_per_epoch(n_rows: int, batch_size: int, grad_accum: int) -> int:
     return math.ceil(math.ceil(n_rows / batch_size) / grad_accum)
 
 
-def pack(rows: list[Encoded], max_length: int) -> list[list[Encoded]]:
-    """First-fit decreasing: groups of rows whose lengths add up to at most `max_length`."""
+def pack(rows: list[Encoded], max_length: int, multiple: int = 1) -> list[list[Encoded]]:
+    """Groups of rows whose lengths add up to at most `max_length`: as few as first-fit decreasing
+    finds; with `multiple` > 1, that count rounded up to a multiple (at most one group per row) and
+    the rows spread evenly over them, so that any number of ranks dividing `multiple` gets the same
+    share of tokens, while the groups stay the same whatever the number of ranks."""
+    groups = first_fit(rows, max_length)
+    count = min(-(-len(groups) // multiple) * multiple, len(rows))
+    while multiple > 1:
+        spread = spread_evenly(rows, count)
+        if max(sum(len(r.input_ids) for r in g) for g in spread) <= max_length:
+            return spread
+        count = min(count + multiple, len(rows))
+    return groups
+
+
+def spread_evenly(rows: list[Encoded], count: int) -> list[list[Encoded]]:
+    """Longest first, each to the group with the fewest tokens so far (ties: the lowest index)."""
+    groups: list[list[Encoded]] = [[] for _ in range(count)]
+    load = [0] * count
+    for r in sorted(rows, key=lambda r: -len(r.input_ids)):
+        i = min(range(count), key=lambda g: (load[g], g))
+        groups[i].append(r)
+        load[i] += len(r.input_ids)
+    return groups
+
+
+def first_fit(rows: list[Encoded], max_length: int) -> list[list[Encoded]]:
+    """First-fit decreasing."""
     groups: list[list[Encoded]] = []
     room: list[int] = []
     for r in sorted(rows, key=lambda r: -len(r.input_ids)):
@@ -63,10 +89,10 @@ class DataOrder:
     same token-normalized gradient), no padding, fewer forward calls."""
 
     def __init__(self, rows: list[Encoded], batch_size: int, grad_accum: int, seed: int,
-                 group_by_length: bool, pad_id: int, pack_to: int | None = None):
+                 group_by_length: bool, pad_id: int, pack_to: int | None = None, rows_multiple: int = 1):
         self.rows, self.batch_size, self.grad_accum = rows, batch_size, grad_accum
         self.seed, self.group_by_length = seed, group_by_length
-        self.pad_id, self.pack_to = pad_id, pack_to
+        self.pad_id, self.pack_to, self.rows_multiple = pad_id, pack_to, rows_multiple
         self.lengths = [len(r.input_ids) for r in rows]
         self.per_epoch = windows_per_epoch(len(rows), batch_size, grad_accum)
         self._cached: tuple[int, list[list[int]]] = (-1, [])
@@ -87,7 +113,8 @@ class DataOrder:
         if self.pack_to is None:
             collated = [collate(b, self.pad_id) for b in micro]
         else:
-            collated = [collate_packed(group) for group in pack([r for b in micro for r in b], self.pack_to)]
+            groups = pack([r for b in micro for r in b], self.pack_to, self.rows_multiple)
+            collated = [collate_packed(group) for group in groups]
         for i, batch in enumerate(collated):
             batch["dropout_seed"] = (self.seed * 1_000_003 + step) * 1_009 + i
         return epoch, collated
@@ -96,7 +123,7 @@ class DataOrder:
 def data_order(rows: list[Encoded], data: DataConfig, train: TrainConfig, pad_id: int) -> DataOrder:
     """The DataOrder a config asks for."""
     return DataOrder(rows, train.batch_size, train.grad_accum, train.seed, data.group_by_length, pad_id,
-                     pack_to=pack_length(data, train) if data.packing else None)
+                     pack_to=pack_length(data, train) if data.packing else None, rows_multiple=data.pack_rows_multiple)
 
 
 def pack_length(data: DataConfig, train: TrainConfig) -> int:

@@ -113,6 +113,11 @@ class DataConfig:
               "tokens of one unpacked micro-batch). Pair packing with model.attn_implementation=varlen: SDPA "
               "computes a packed row's block-diagonal attention densely.", resume_safe=True,
         lowers_peak="lower (with data.packing)")
+    pack_rows_multiple: int = key(
+        1, "With packing on N GPUs: make each step's packed rows a multiple of this many and spread the examples "
+           "evenly over them, so every rank gets the same share of tokens (set it to the number of GPUs, or a "
+           "multiple of every count you may resume on: the rows, and with them the dropout masks, do not depend "
+           "on the number of ranks). 1: as few rows as fit.", resume_safe=True)
 
 
 @dataclass(frozen=True)
@@ -390,6 +395,7 @@ def check_values(cfg: Config) -> list[str]:
         (cfg.eval.batch_size >= 1, "eval.batch_size: must be >= 1"),
         (1 <= cfg.eval.max_new_tokens < d.max_length, "eval.max_new_tokens: must be in [1, data.max_length)"),
         (d.limit is None or d.limit >= 1, "data.limit: must be >= 1 or null"),
+        (d.pack_rows_multiple >= 1, "data.pack_rows_multiple: must be >= 1"),
         (d.pack_length is None or d.pack_length >= d.max_length,
          "data.pack_length: must be >= data.max_length (a row must hold the longest example)"),
         (lo.r >= 1, "lora.r: must be >= 1"),

@@ -1,11 +1,13 @@
 import dataclasses
 
+import pytest
 import torch
 
 from qlora.attention import sequence_bounds
 from qlora.batching import (DataOrder, collate, collate_packed, epoch_batches, pack, pack_length,
                             windows_per_epoch)
 from qlora.config import DataConfig, TrainConfig
+from qlora.distributed import World, share
 from qlora.data import IGNORE, Encoded, Example
 
 
@@ -64,6 +66,26 @@ def test_pack_fits_every_row_once_within_the_limit():
     assert all(sum(len(r.input_ids) for r in g) <= 128 for g in groups)
     assert sorted(len(r.input_ids) for g in groups for r in g) == sorted(lengths)
     assert len(groups) <= -(-sum(lengths) // 128) + 2  # first-fit decreasing is near the minimum
+
+
+@pytest.mark.parametrize("multiple", [2, 4])
+def test_rows_of_a_multiple_give_every_dividing_number_of_ranks_an_even_share(multiple):
+    """data.pack_rows_multiple: the rows are the same on any number of ranks (no rank count goes
+    in), a multiple of `multiple`, each within the limit, and every count of ranks that divides it
+    gets shares within one example of each other; first-fit rows on 2 ranks do not."""
+    lengths = [(i * 37) % 90 + 5 for i in range(50)]
+    groups = pack(rows(lengths), 128, multiple)
+    assert len(groups) % multiple == 0 and all(sum(len(r.input_ids) for r in g) <= 128 for g in groups)
+    assert sorted(len(r.input_ids) for g in groups for r in g) == sorted(lengths)
+    batches = [collate_packed(g) for g in groups]
+    for size in [n for n in (1, 2, 4) if multiple % n == 0]:
+        loads = [sum(b["n_tokens"] for b in share(batches, World(rank, size))) for rank in range(size)]
+        assert max(loads) - min(loads) <= max(lengths), (size, loads)
+    few = rows([100, 100, 100, 20, 20, 20])
+    first_fit = [collate_packed(g) for g in pack(few, 128)]  # 3 rows of 120: two on one rank
+    even = [collate_packed(g) for g in pack(few, 128, 2)]  # 4 rows: 100, 100, 100, 60
+    loads = lambda batches: [sum(b["n_tokens"] for b in share(batches, World(r, 2))) for r in range(2)]  # noqa: E731
+    assert sorted(loads(first_fit)) == [120, 240] and sorted(loads(even)) == [160, 200]
 
 
 def test_packed_window_keeps_the_examples_and_restarts_positions():
