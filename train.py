@@ -165,6 +165,8 @@ def plan_memory(args: argparse.Namespace, cfg: Config, data: TokenizedData) -> C
     from qlora.plan import PLANNED_KEYS, choose, format_plans
 
     budget = cfg.train.memory_budget_gib
+    if budget is None:
+        return cfg
     architecture, seq = read_architecture(cfg.model), longest_row(data)
     given = given_keys(args.config, args.overrides)
     planned, plans, chosen = choose(cfg, architecture, seq, given)
@@ -173,7 +175,7 @@ def plan_memory(args: argparse.Namespace, cfg: Config, data: TokenizedData) -> C
               f"{budget:g} GiB budget, {chosen.speed:.2f}x the speed of recomputing every layer")
         if args.estimate_memory:
             print(format_plans(plans, chosen, budget))
-    elif budget is not None:
+    else:
         peak = estimate_for_config(cfg, architecture, seq)["total"]
         print(f"memory plan: none, the config sets {' and '.join(k for k in PLANNED_KEYS if k in given)} itself; "
               f"estimated peak {size(peak).strip()}, {'within' if peak <= budget * 2**30 else 'OVER'} the "
