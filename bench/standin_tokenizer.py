@@ -37,7 +37,7 @@ def main() -> None:
     tok.save_pretrained(args.out)
     examples = load_examples(str(args.dev_file))
     measured = {
-        "closed_book": [len(tok(FORMATS["closed_book"].text.format(question=e.question) + " " + e.answer).input_ids) for e in examples],
+        "closed_book": [len(tok(FORMATS["closed_book"].render(e.question, "") + " " + e.answer).input_ids) for e in examples],
         "context+question+answer": [len(tok(f"{e.context} {e.question} {e.answer}").input_ids) for e in examples],
     }
     for name, lengths in measured.items():

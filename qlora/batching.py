@@ -44,13 +44,14 @@ def pack(rows: list[Encoded], max_length: int, multiple: int = 1) -> list[list[E
     the rows spread evenly over them, so that any number of ranks dividing `multiple` gets the same
     share of tokens, while the groups stay the same whatever the number of ranks."""
     groups = first_fit(rows, max_length)
+    if multiple == 1:
+        return groups
     count = min(-(-len(groups) // multiple) * multiple, len(rows))
-    while multiple > 1:
+    while True:  # ends: one row per group always fits
         spread = spread_evenly(rows, count)
         if max(sum(len(r.input_ids) for r in g) for g in spread) <= max_length:
             return spread
         count = min(count + multiple, len(rows))
-    return groups
 
 
 def spread_evenly(rows: list[Encoded], count: int) -> list[list[Encoded]]:

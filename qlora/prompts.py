@@ -31,6 +31,9 @@ class Format:
     has_context: bool
     chat: bool
 
+    def render(self, question: str, context: str) -> str:
+        return self.text.format(question=question, context=context)
+
 
 FORMATS = {
     # The tutorial's template, unchanged: the full training text is prompt + " " + answer.
@@ -74,7 +77,7 @@ class Prompter:
 
     def text(self, question: str, context: str = "") -> str:
         """Everything before the answer, as text."""
-        user = self.format.text.format(question=question, context=context)
+        user = self.format.render(question, context)
         if self.chat is None:
             return user
         return self.chat.head + self.chat.user_strips.apply(user) + self.chat.middle
@@ -95,8 +98,8 @@ class Prompter:
     def render_chat(self, question: str, context: str, answer: str | None) -> str:
         """The tokenizer's own rendering of one question (and its answer): what `text` and
         `answer_ids` must agree with (tests check it over the whole dev set)."""
-        return _render(self.tokenizer, _messages(self.format.text.format(question=question, context=context),
-                                                 answer), answer is None, self.template_kwargs)
+        return _render(self.tokenizer, _messages(self.format.render(question, context), answer), answer is None,
+                       self.template_kwargs)
 
     def describe(self) -> str:
         """One line for the data report: how answers end, and what the template adds."""

@@ -125,7 +125,7 @@ def build_family(name: str, texts: list[str], out: Path, vocab_size: int = 800) 
 
 def template_words() -> list[str]:
     """The prompt formats' own words, so that they do not all fall back to bytes."""
-    return [f.text.format(question="", context="") for f in FORMATS.values()]
+    return [f.render("", "") for f in FORMATS.values()]
 
 
 def korquad_texts(path: Path) -> list[str]:
