@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Many GPUs of one machine: train.py on the real job's config (random weights) with 1 process, then
-# with torchrun on N GPUs, the global batch grown N times (train.grad_accum x N) and kept.
-#   OUT=DIR TOKENIZER=DIR DATA=KorQuAD_v1.0_dev.json bash bench/scaling_gpu.sh N [STEPS]
+# with torchrun on N GPUs, the global batch grown N times (train.grad_accum x N) and kept. Overrides
+# after STEPS go to the torchrun runs only (the one-GPU baseline is the shipped config):
+#   OUT=DIR TOKENIZER=DIR DATA=KorQuAD_v1.0_dev.json bash bench/scaling_gpu.sh N [STEPS [override ...]]
 set -u
-n=$1; steps=${2:-10}
+n=$1; steps=${2:-10}; shift; shift
 C=configs/llama2-7b-korquad.yaml
 D="model.random_init=true model.tokenizer=$TOKENIZER data.source=$DATA train.progress_bar=false train.max_steps=$steps"
 run() {
@@ -14,5 +15,5 @@ run() {
   python3 bench/scaling.py /tmp/scale-$name/metrics.jsonl $name | tee -a "$OUT/scaling.jsonl"
 }
 run gpu1 python3 train.py
-run gpu$n-grown torchrun --nproc-per-node $n train.py train.grad_accum=$((4 * n))
-run gpu$n-kept torchrun --nproc-per-node $n train.py
+run gpu$n-grown torchrun --nproc-per-node $n train.py train.grad_accum=$((4 * n)) "$@"
+run gpu$n-kept torchrun --nproc-per-node $n train.py "$@"
