@@ -100,6 +100,9 @@ def run(args: argparse.Namespace) -> None:
     world, device = distributed.init(t.device)
     if args.break_at and world.size > 1:
         raise UserError("--break-at stops one process in the debugger: run train.py without torchrun")
+    hint = distributed.split_hint(cfg.data.packing, cfg.data.pack_rows_multiple, world)
+    if hint:
+        print(hint)
 
     # 3. resume point: a fresh start, or a checkpoint checked against this config and data; every
     #    rank must start from the same one

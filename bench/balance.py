@@ -19,13 +19,13 @@ from qlora.model import load_tokenizer
 from qlora.prompts import build_prompter
 
 
-def balance(order, ranks: int, steps: int) -> tuple[float, float]:
+def balance(order, ranks: int, steps: int, skip: int) -> tuple[float, float]:
     busiest = even = rows = 0.0
-    for step in range(steps):
+    for step in range(skip, steps):
         _, batches = order.batches(step)
         loads = [sum(b["n_tokens"] for b in share(batches, World(rank=r, size=ranks))) for r in range(ranks)]
         busiest, even, rows = busiest + max(loads), even + sum(loads) / ranks, rows + len(batches)
-    return even / busiest, rows / steps
+    return even / busiest, rows / (steps - skip)
 
 
 def main() -> None:
@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--ranks", type=int, required=True)
     p.add_argument("--multiple", type=int, required=True)
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--skip", type=int, default=0, help="leave out the first steps (as the timed GPU runs do)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     cfg = load_config(args.config, args.overrides)
@@ -42,9 +43,10 @@ def main() -> None:
                         cfg.train.seed)
     for multiple in (1, args.multiple):
         cfg = load_config(args.config, [*args.overrides, f"data.pack_rows_multiple={multiple}"])
-        even, rows = balance(data_order(data.rows, cfg.data, cfg.train, tokenizer.pad_token_id), args.ranks, args.steps)
+        even, rows = balance(data_order(data.rows, cfg.data, cfg.train, tokenizer.pad_token_id), args.ranks, args.steps,
+                             args.skip)
         print(json.dumps({"ranks": args.ranks, "pack_rows_multiple": multiple, "grad_accum": cfg.train.grad_accum,
-                          "steps": args.steps, "balance": round(even, 3), "rows_per_step": round(rows, 2)}))
+                          "steps": f"{args.skip + 1}-{args.steps}", "balance": round(even, 3), "rows_per_step": round(rows, 2)}))
 
 
 if __name__ == "__main__":

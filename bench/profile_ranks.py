@@ -1,7 +1,7 @@
 """Where each rank's step time goes under torchrun: compute kernels, NCCL kernels (the all-reduce,
 including the time a rank waits in it for a slower one), and GPU idle (launch overhead, sync points).
 Runs the loop's train_step on the real phases (config, data, model, DDP), a few warm-up steps, then
-torch.profiler over the next steps; prints one JSON line per rank.
+torch.profiler over the next steps; rank 0 prints one JSON line per rank.
 
     torchrun --nproc-per-node 2 bench/profile_ranks.py --config C [overrides...]
     python bench/profile_ranks.py --config C [overrides...]            # the one-GPU baseline
@@ -79,8 +79,10 @@ def main() -> None:
             mine += sum(b["n_tokens"] for b in distributed.share(batches, world))
             train_step(trained, batches, state, settings, device, meter, step)  # ends in a sync
         wall = time.perf_counter() - began
-    print(json.dumps({"rank": world.rank, "world_size": world.size, "steps": list(steps), "wall_s": wall,
-                      "step_tokens": tokens, "rank_tokens": mine, **kernel_times(prof)}), flush=True)
+    record = {"rank": world.rank, "world_size": world.size, "steps": list(steps), "wall_s": wall,
+              "step_tokens": tokens, "rank_tokens": mine, **kernel_times(prof)}
+    for line in distributed.gather_to_main(record, world) or []:  # only rank 0 prints
+        print(json.dumps(line), flush=True)
     distributed.finish(world)
 
 
