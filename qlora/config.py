@@ -69,10 +69,13 @@ class ModelConfig:
     upcast_non_quantized: bool = key(
         True, "Keep prepare_model_for_kbit_training's fp32 norms, embeddings and LM head (false: the compute "
               "dtype, which halves the residual stream's memory).", lowers_peak="=false")
-    attn_implementation: Literal["sdpa", "eager", "varlen"] = key(
+    attn_implementation: Literal["sdpa", "eager", "varlen", "flex_attention"] = key(
         "sdpa", "varlen: flash attention over each example's own tokens (qlora/attention.py); with packing "
                 "it skips the masked blocks SDPA computes. Training only (bf16/fp16 on a GPU; the CPU runs "
-                "one SDPA call per example); generation uses SDPA.", resume_safe=True)
+                "one SDPA call per example); generation uses SDPA. flex_attention: torch's compiled flex "
+                "attention, which keeps Gemma-2's soft-capped logits and packed rows' boundaries without "
+                "materialising scores (training on a GPU only: it has no backward on the CPU); generation "
+                "uses eager.", resume_safe=True)
     cudnn_attention: bool = key(
         False, "Let SDPA pick cuDNN's attention kernel. Off: on an H200 it spent 12-32 ms of CPU per call "
                "planning for each new sequence shape.", resume_safe=True)
