@@ -1,12 +1,15 @@
 """Peak memory of one training step at fixed shapes, beside the estimate (issue: memory audit).
 
-Loads the model once (random_init in the given config), then for each max length and with and
-without activation recompute runs two optimizer steps on a batch of the longest KorQuAD rows cut
-to exactly that length, and records peak allocated and reserved memory.
+Loads the model once (random_init in the given config), then for each norm dtype (fp32 first: the
+cast to the compute dtype is one-way), max length, layout (a padded batch of the longest KorQuAD
+rows cut to exactly that length, or the same rows packed into one row) and recompute count (all,
+N first layers, none) runs two optimizer steps and records peak allocated and reserved memory
+beside the estimate.
 
     python bench/memory.py --config configs/llama2-7b-korquad.yaml model.random_init=true \
         model.tokenizer=.devdata/tokenizer data.source=.devdata/KorQuAD_v1.0_dev.json \
-        --lengths 512 1024 2048 --out bench/results/memory.json
+        --lengths 512 1024 2048 --recompute all 16 none --layouts padded packed --norms fp32 bf16 \
+        --out bench/results/memory.json
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -25,7 +29,7 @@ use_expandable_segments()  # before torch touches CUDA
 
 import torch  # noqa: E402
 
-from qlora.batching import collate  # noqa: E402
+from qlora.batching import collate, collate_packed  # noqa: E402
 from qlora.config import Config, load_config  # noqa: E402
 from qlora.data import Encoded, encode_example, load_examples  # noqa: E402
 from qlora.prompts import build_prompter  # noqa: E402
@@ -62,11 +66,24 @@ def measure(model: Any, cfg: Config, device: torch.device, batch: dict[str, Any]
     return {"peak_allocated_gib": max(peaks), "peak_reserved_gib": reserved}
 
 
+def variant(cfg: Config, norms: str, layout: str, recompute: str, width: int) -> Config:
+    """cfg with one grid point's norm dtype, recompute count and layout (packed: one row of `width`)."""
+    model = dataclasses.replace(cfg.model, upcast_non_quantized=norms == "fp32",
+                                recompute_activations=recompute != "none",
+                                recompute_layers=None if recompute in ("all", "none") else int(recompute))
+    data = dataclasses.replace(cfg.data, packing=layout == "packed", pack_length=width if layout == "packed" else None)
+    return dataclasses.replace(cfg, model=model, data=data)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    p.add_argument("--recompute", nargs="+", default=["all", "none"], help="all, none, or a count of first layers")
+    p.add_argument("--layouts", nargs="+", choices=["padded", "packed"], default=["padded"])
+    p.add_argument("--norms", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
+                   help="fp32: model.upcast_non_quantized=true; bf16: false (the compute dtype). fp32 first")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_intermixed_args()
     cfg = load_config(args.config, args.overrides)
@@ -75,17 +92,17 @@ def main() -> None:
     model = build_model(cfg.model, cfg.lora, cfg.train.precision, device, cfg.train.seed)
     hf_config = read_architecture(cfg.model)
     results = []
-    for length in args.lengths:
+    for norms, length, layout, recompute in itertools.product(args.norms, args.lengths, args.layouts, args.recompute):
         rows = longest_rows(cfg, tokenizer, length, cfg.train.batch_size)
-        batch = collate(rows, tokenizer.pad_token_id)
-        for recompute in (True, False):
-            shaped = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, recompute_activations=recompute))
-            estimate = estimate_for_config(shaped, hf_config, seq=batch["input_ids"].shape[1])["total"] / GIB
-            row = {"max_length": length, "width": batch["input_ids"].shape[1], "batch": len(rows),
-                   "recompute": recompute, **measure(model, shaped, device, batch), "estimate_gib": estimate}
-            row["estimate_error_pct"] = 100 * (estimate - row["peak_allocated_gib"]) / row["peak_allocated_gib"]
-            print(json.dumps(row), flush=True)
-            results.append(row)
+        batch = collate(rows, tokenizer.pad_token_id) if layout == "padded" else collate_packed(rows)
+        width = batch["input_ids"].shape[1]
+        shaped = variant(cfg, norms, layout, recompute, width)
+        estimate = estimate_for_config(shaped, hf_config, seq=width)["total"] / GIB
+        row = {"norms": norms, "max_length": length, "layout": layout, "width": width, "rows": len(rows),
+               "recompute": recompute, **measure(model, shaped, device, batch), "estimate_gib": estimate}
+        row["estimate_error_pct"] = 100 * (estimate - row["peak_allocated_gib"]) / row["peak_allocated_gib"]
+        print(json.dumps(row), flush=True)
+        results.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(device),

@@ -395,6 +395,10 @@ def check_values(cfg: Config) -> list[str]:
         (m.recompute_layers is None or m.recompute_layers >= 0, "model.recompute_layers: must be >= 0 or null"),
         (m.attn_implementation != "varlen" or t.precision != "fp32" or t.device == "cpu",
          "model.attn_implementation=varlen: flash attention needs train.precision bf16 or fp16 on a GPU"),
+        (m.attn_implementation != "flex_attention" or not m.compile_layers,
+         "model.compile_layers=true with flex_attention: inductor fails to lower flex attention inside a compiled "
+         "layer with changing row lengths (torch 2.11-2.13); set model.compile_layers=false (transformers compiles "
+         "the flex kernel itself)"),
         (cfg.eval.batch_size >= 1, "eval.batch_size: must be >= 1"),
         (1 <= cfg.eval.max_new_tokens < d.max_length, "eval.max_new_tokens: must be in [1, data.max_length)"),
         (d.limit is None or d.limit >= 1, "data.limit: must be >= 1 or null"),
