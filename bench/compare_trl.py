@@ -38,7 +38,7 @@ use_expandable_segments()  # before torch touches CUDA
 
 import torch  # noqa: E402
 
-from qlora.attention import FLEX, VARLEN  # noqa: E402
+from qlora.attention import VARLEN  # noqa: E402
 from qlora.batching import DataOrder, data_order  # noqa: E402
 from qlora.config import Config, load_config  # noqa: E402
 from qlora.data import IGNORE, prepare_data  # noqa: E402
@@ -73,14 +73,13 @@ PLAIN = LEVERS[0][1]  # TRL's side: padded rows, SDPA, uncompiled, every layer r
 
 
 def job_config(config: str, shape: str, overrides: list[str], added: list[str] = ()) -> Config:
-    """config file + JOB + shape + overrides + `added` (a lever's or TRL's side). A lever value the
-    model's architecture rules out (qlora/families.py) becomes the one that does its job there: for
-    Gemma-2, SDPA (TRL's side, our plain variant) becomes eager attention, as TRL's docs advise, and
-    varlen becomes flex attention."""
-    cfg = load_config(config, [*JOB, *SHAPES[shape], *overrides, *added])
-    architecture = read_architecture(cfg.model)
-    pinned = [f"model.{limit.key}={limit.instead[getattr(cfg.model, limit.key)]}" for limit in LEVER_LIMITS
-              if limit.applies(architecture) and getattr(cfg.model, limit.key) in limit.refused]
+    """config file + JOB + shape + overrides + `added` (a lever's or TRL's side). A lever the model's
+    architecture rules out (qlora/families.py) keeps the value of config file + overrides on both
+    sides: Gemma-2 trains with eager attention, as TRL's docs advise for it too."""
+    own = load_config(config, [*JOB, *SHAPES[shape], *overrides])
+    architecture = read_architecture(own.model)
+    pinned = [f"model.{limit.key}={getattr(own.model, limit.key)}" for limit in LEVER_LIMITS
+              if limit.applies(architecture)]
     return load_config(config, [*JOB, *SHAPES[shape], *overrides, *added, *pinned])
 
 
@@ -154,10 +153,9 @@ def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_las
             previous = variant
             continue
         order = data_order(data.rows, variant.data, variant.train, tokenizer.pad_token_id)
-        attn = variant.model.attn_implementation
-        check = (loss_against(REFERENCE[attn], model, order, variant, device)
-                 if attn in REFERENCE and (only_last or previous.model.attn_implementation != attn or
-                                           previous.data.packing != variant.data.packing)
+        check = (loss_against_sdpa(model, order, variant, device)
+                 if variant.model.attn_implementation == VARLEN and
+                 (only_last or previous.model.attn_implementation != VARLEN or previous.data.packing != variant.data.packing)
                  else None)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -169,7 +167,7 @@ def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_las
             max(filter(None, (step_peak_gib(m) for m in peaks)), default=None),
             max(filter(None, (m["peak_reserved_gib"] for m in peaks)), default=None))}
         if check is not None:
-            row[f"step0_loss_relative_to_{REFERENCE[attn]}"] = check
+            row["step0_loss_relative_to_sdpa"] = check
         if variant.model.compile_layers:
             from torch._dynamo.utils import counters
             row["compile"] = {"graph_breaks": sum(counters["graph_break"].values()),
@@ -180,22 +178,18 @@ def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_las
     return results
 
 
-REFERENCE = {VARLEN: "sdpa", FLEX: "eager"}
-"""The attention a fast kernel's loss is checked against (eager: the only other that soft-caps)."""
-
-
-def loss_against(reference: str, model: Any, order: DataOrder, cfg: Config, device: torch.device) -> float:
-    """|fast - reference| / reference for the loss of step 0's window, same weights, same batches:
-    the GPU side of the CPU tests that varlen and flex attention keep the loss."""
-    losses, fast = [], cfg.model.attn_implementation
+def loss_against_sdpa(model: Any, order: DataOrder, cfg: Config, device: torch.device) -> float:
+    """|varlen - SDPA| / SDPA for the loss of step 0's window, same weights, same batches: the
+    GPU side of the CPU test that varlen attention keeps the loss."""
+    losses = []
     model.eval()  # LoRA dropout off: the two passes must see the same function
     with torch.no_grad():
-        for attn in (fast, reference):
+        for attn in (VARLEN, "sdpa"):
             model.get_base_model().set_attn_implementation(attn)
             losses.append(sum(float(micro_batch_loss(model, b, cfg.train.precision, device,
                                                      cfg.train.supervised_logits_only))
                               for b in order.batches(0)[1]))
-    model.get_base_model().set_attn_implementation(fast)
+    model.get_base_model().set_attn_implementation(VARLEN)
     model.train()
     return abs(losses[0] - losses[1]) / losses[1]
 

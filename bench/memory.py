@@ -89,7 +89,9 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(cfg.model)
-    model = build_model(cfg.model, cfg.lora, cfg.train.precision, device, cfg.train.seed)
+    # fp32 norms only while the model still has them: the cast to the compute dtype is one-way
+    built = dataclasses.replace(cfg.model, upcast_non_quantized="fp32" in args.norms)
+    model = build_model(built, cfg.lora, cfg.train.precision, device, cfg.train.seed)
     hf_config = read_architecture(cfg.model)
     results = []
     for norms, length, layout, recompute in itertools.product(args.norms, args.lengths, args.layouts, args.recompute):

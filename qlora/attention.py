@@ -9,11 +9,6 @@ this function through transformers' attention interface as `cu_seq_lens_q` / `ma
 Right-padded (unpacked) rows work too: each row is one sequence, and under a causal mask no real
 token sees the padding after it. Left padding (generation) does not: evaluation loads the model
 with SDPA.
-
-torch's varlen kernel has no soft-capping: for Gemma-2, `flex_attention` (transformers' own, on
-torch's flex kernel) does the same job: transformers reads the packed rows' boundaries from the
-position_ids into its block mask, and the cap is a score modification. It trains on a GPU only
-(flex attention has no backward on the CPU), and evaluation loads such a model with eager attention.
 """
 
 from __future__ import annotations
@@ -27,7 +22,6 @@ from torch.nn.attention.varlen import varlen_attn
 from transformers import AttentionInterface
 
 VARLEN = "varlen"
-FLEX = "flex_attention"  # transformers' own: packed rows' boundaries come from position_ids
 _VARLEN_ACCEPTS = frozenset(inspect.signature(varlen_attn).parameters)  # read once, outside any compiled code
 
 

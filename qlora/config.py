@@ -69,13 +69,10 @@ class ModelConfig:
     upcast_non_quantized: bool = key(
         True, "Keep prepare_model_for_kbit_training's fp32 norms, embeddings and LM head (false: the compute "
               "dtype, which halves the residual stream's memory).", lowers_peak="=false")
-    attn_implementation: Literal["sdpa", "eager", "varlen", "flex_attention"] = key(
+    attn_implementation: Literal["sdpa", "eager", "varlen"] = key(
         "sdpa", "varlen: flash attention over each example's own tokens (qlora/attention.py); with packing "
                 "it skips the masked blocks SDPA computes. Training only (bf16/fp16 on a GPU; the CPU runs "
-                "one SDPA call per example); generation uses SDPA. flex_attention: torch's compiled flex "
-                "attention, which keeps Gemma-2's soft-capped logits and packed rows' boundaries without "
-                "materialising scores (training on a GPU only: it has no backward on the CPU); generation "
-                "uses eager.", resume_safe=True)
+                "one SDPA call per example); generation uses SDPA.", resume_safe=True)
     cudnn_attention: bool = key(
         False, "Let SDPA pick cuDNN's attention kernel. Off: on an H200 it spent 12-32 ms of CPU per call "
                "planning for each new sequence shape.", resume_safe=True)
@@ -395,10 +392,6 @@ def check_values(cfg: Config) -> list[str]:
         (m.recompute_layers is None or m.recompute_layers >= 0, "model.recompute_layers: must be >= 0 or null"),
         (m.attn_implementation != "varlen" or t.precision != "fp32" or t.device == "cpu",
          "model.attn_implementation=varlen: flash attention needs train.precision bf16 or fp16 on a GPU"),
-        (m.attn_implementation != "flex_attention" or not m.compile_layers,
-         "model.compile_layers=true with flex_attention: inductor fails to lower flex attention inside a compiled "
-         "layer with changing row lengths (torch 2.11-2.13); set model.compile_layers=false (transformers compiles "
-         "the flex kernel itself)"),
         (cfg.eval.batch_size >= 1, "eval.batch_size: must be >= 1"),
         (1 <= cfg.eval.max_new_tokens < d.max_length, "eval.max_new_tokens: must be in [1, data.max_length)"),
         (d.limit is None or d.limit >= 1, "data.limit: must be >= 1 or null"),

@@ -16,6 +16,14 @@ from qlora.memory import size
 # kept when it predicts an answer token in *some* row of the batch, so the union over a batch of 4
 # KorQuAD rows (about 1% of each row's positions) comes to about 2-4%; 2% held on the measured runs.
 SUPERVISED_POSITIONS = 0.02
+# Fitted on Llama-2-7B, one H200, compiled layers, bf16 norms, rows of 2,048-8,192 tokens, 60 points
+# (bench/results/2026-11-28-session6-h200/memory-grid-llama2-7b-h200.json; estimate +1.5% to +4.9%
+# over the measured peak at every recompute count): a compiled layer saves 3% more than the
+# tensors listed below; while the last kept layer runs its backward, three quarters of a layer's
+# saved tensors more are live; recomputing a layer holds one and a half.
+COMPILED_SAVED = 1.03
+KEPT_WORKING = 0.75
+RECOMPUTE_WORKING = 1.5
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,7 @@ MODULE_DIMS = {  # (in, out) of each linear layer of a decoder block, as functio
 def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: tuple[str, ...],
                   lora_dropout: bool, optimizer: str, recompute: bool, double_quant: bool,
                   logits_everywhere: bool, compute_bytes: int = 2, stream_bytes: int = 4,
-                  recompute_layers: int | None = None) -> dict[str, int]:
+                  recompute_layers: int | None = None, compiled: bool = False) -> dict[str, int]:
     """Predicted peak allocated bytes of one training step, by component.
 
     - quantized weights: 4 bits per weight + one absmax per 64 weights (8-bit with double
@@ -67,11 +75,11 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
       per 256) or 4 bytes (torch AdamW);
     - activations: the residual stream has the norms' dtype (fp32 norm weights promote it). One
       layer saves its matmul inputs, attention and MLP intermediates in the compute dtype, its norm
-      outputs, and, with LoRA dropout, a dropped copy and a mask of the input of each adapted module.
-      With recompute every recomputed layer keeps only its input, and the peak is the larger of the
-      other layers' saved tensors and the layer being recomputed: its saved tensors plus about half
-      again for their gradients (fitted on Llama-2-7B, H200); without, every layer keeps its saved
-      tensors;
+      outputs, and, with LoRA dropout, a dropped copy and a mask of the input of each adapted module
+      (not when compiled: inductor regenerates the masks from the RNG state and recomputes the
+      copies). A recomputed layer keeps only its input; the peak is the larger of the kept layers'
+      saved tensors plus the backward's working set, and the layer being recomputed with its
+      gradients (after the kept layers are freed);
     - logits: fp32 [batch, positions, vocab] plus its gradient, at every position or only at the
       SUPERVISED_POSITIONS share.
     """
@@ -84,17 +92,16 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
     state_bytes = 2 * (1 + 4 / 256) if optimizer in ("paged_adamw_8bit", "adamw_8bit") else 8
     tokens = batch * seq
     kv, q = shape.kv_heads * shape.head_dim, shape.heads * shape.head_dim
-    dropout_copies = sum(MODULE_DIMS[t](shape)[0] for t in targets) * (stream_bytes + 1) if lora_dropout else 0
+    dropout_copies = (sum(MODULE_DIMS[t](shape)[0] for t in targets) * (stream_bytes + 1)
+                      if lora_dropout and not compiled else 0)
     layer_saved = tokens * (compute_bytes * (3 * shape.hidden + q + 2 * kv + 3 * shape.intermediate)
-                            + stream_bytes * 3 * shape.hidden + dropout_copies)
+                            + stream_bytes * 3 * shape.hidden + dropout_copies) * (COMPILED_SAVED if compiled else 1)
     residual = tokens * shape.hidden * stream_bytes
-    if recompute:
-        # the recomputed (first) layers keep their inputs; the others' saved tensors are freed, last
-        # layer first, before the first recompute adds one layer's tensors and their gradients
-        recomputed = shape.layers if recompute_layers is None else min(recompute_layers, shape.layers)
-        activations = recomputed * residual + max((shape.layers - recomputed) * layer_saved, 1.5 * layer_saved)
-    else:
-        activations = shape.layers * layer_saved + residual
+    recomputed = 0 if not recompute else shape.layers if recompute_layers is None else min(recompute_layers, shape.layers)
+    # the recomputed (first) layers keep their inputs; the kept layers' saved tensors are freed,
+    # last layer first, before the first recompute needs room
+    kept = shape.layers - recomputed
+    activations = recomputed * residual + max(kept + KEPT_WORKING if kept else 0, RECOMPUTE_WORKING) * layer_saved
     positions = seq if logits_everywhere else max(1, math.ceil(seq * SUPERVISED_POSITIONS))
     logits = batch * positions * shape.vocab * (compute_bytes + 4 + 4)
     # dequantizing one weight matrix for the matmul, forward and backward
@@ -120,7 +127,8 @@ def estimate_for_config(cfg: Config, hf_config: Any, seq: int) -> dict[str, int]
                          double_quant=cfg.model.double_quant,
                          logits_everywhere=not cfg.train.supervised_logits_only,
                          compute_bytes=compute_bytes,
-                         stream_bytes=4 if cfg.model.upcast_non_quantized else compute_bytes)
+                         stream_bytes=4 if cfg.model.upcast_non_quantized else compute_bytes,
+                         compiled=cfg.model.compile_layers)
 
 
 def format_estimate(estimate: dict[str, int]) -> str:

@@ -69,8 +69,6 @@ class LeverLimit:
     applies: Any
     """(the model's config.json as an object) -> whether the architecture is one of those."""
     reason: str
-    instead: dict[Any, Any]
-    """For each refused value, the one that does the same job for this architecture."""
 
 
 LEVER_LIMITS = (
@@ -78,8 +76,8 @@ LEVER_LIMITS = (
     # has none: both would train a Gemma-2 with other attention than it was pretrained with
     LeverLimit("attn_implementation", ("sdpa", "varlen"),
                lambda c: getattr(c, "attn_logit_softcapping", None) is not None,
-               "the model soft-caps its attention logits (Gemma-2), which only eager and flex attention do here",
-               {"sdpa": "eager", "varlen": "flex_attention"}),
+               "the model soft-caps its attention logits (Gemma-2), which only eager attention does here: "
+               "set model.attn_implementation=eager"),
 )
 
 
@@ -89,6 +87,5 @@ def refused_levers(cfg: ModelConfig, hf_config: Any) -> list[str]:
     for limit in LEVER_LIMITS:
         value = getattr(cfg, limit.key)
         if value in limit.refused and limit.applies(hf_config):
-            problems.append(f"model.{limit.key}={value}: {limit.reason}: "
-                            f"set model.{limit.key}={limit.instead[value]}")
+            problems.append(f"model.{limit.key}={value}: {limit.reason}")
     return problems

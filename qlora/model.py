@@ -19,7 +19,7 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from qlora.attention import FLEX, VARLEN
+from qlora.attention import VARLEN
 from qlora.attention import register as register_varlen
 from qlora.config import LoraConfig, ModelConfig
 from qlora.errors import UserError
@@ -73,9 +73,6 @@ def load_base_model(cfg: ModelConfig, precision: str, device: torch.device, seed
 
 def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torch.device,
                 seed: int) -> PeftModel:
-    if cfg.attn_implementation == FLEX and device.type == "cpu":
-        raise UserError("model.attn_implementation=flex_attention: torch's flex attention has no backward on the "
-                        "CPU; train with it on a GPU, or use eager")
     model = load_base_model(cfg, precision, device, seed)
     # Casts the small non-quantized weights (norms, embeddings, head) to fp32 and turns on
     # recompute; non-reentrant recompute replays dropout with the saved RNG state.
@@ -151,19 +148,13 @@ def cast_frozen_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-INFERENCE_ATTENTION = {VARLEN: "sdpa", FLEX: "eager"}
-"""Generation's attention for training-only kernels (the weights are the same): varlen knows no left
-padding; flex would compile for each new length (and refuses the CPU's backward, not its forward,
-whose results were wrong for sequences under 128 tokens with torch 2.13)."""
-
-
 def load_for_inference(cfg: ModelConfig, precision: str, device: torch.device, seed: int,
                        adapter: Path | None, quantized: bool = True) -> Any:
     """The base model as in training, with the saved adapter applied (or none), in eval mode."""
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise UserError(f"no adapter in {adapter} (expected adapter_config.json, e.g. RUN/final)")
-    inference = dataclasses.replace(cfg, attn_implementation=INFERENCE_ATTENTION.get(cfg.attn_implementation,
-                                                                                  cfg.attn_implementation))
+    # varlen attention knows no left padding: generation runs on SDPA (the weights are the same)
+    inference = cfg if cfg.attn_implementation != VARLEN else dataclasses.replace(cfg, attn_implementation="sdpa")
     model = load_base_model(inference, precision, device, seed, quantized)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)

@@ -79,8 +79,6 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str]) -> tuple[Conf
         raise UserError(f"train.memory_budget_gib={budget:g}: no plan fits; the smallest ({smallest.describe()}) "
                         f"needs {smallest.peak_bytes / GIB:.2f} GiB. Also lowers the peak: {peak_lowering_hints(leave_out=PLANNED_KEYS)}")
     best = fitting[0]  # candidates run from no layer recomputed (fastest) to all
-    # (all but the last is also smaller than all: the last layer's activations are freed before
-    # the first recompute needs room, while recomputing it keeps one more layer input)
     return best.apply(cfg), plans, best
 
 

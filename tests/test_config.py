@@ -118,10 +118,3 @@ def test_varlen_attention_needs_half_precision_on_a_gpu(tmp_path):
         load_config(path, ["model.attn_implementation=varlen", "train.precision=fp32"])
     cfg = load_config(path, ["model.attn_implementation=varlen", "train.precision=fp32", "train.device=cpu"])
     assert cfg.model.attn_implementation == "varlen"  # the CPU runs it as one SDPA call per sequence
-
-
-def test_flex_attention_is_not_compiled_inside_the_layers(tmp_path):
-    path = write(tmp_path, BASE)
-    with pytest.raises(UserError, match="compile_layers=true with flex_attention"):
-        load_config(path, ["model.attn_implementation=flex_attention", "model.compile_layers=true"])
-    assert load_config(path, ["model.attn_implementation=flex_attention"]).model.compile_layers is False
