@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qlora import quiet_other_ranks
 from qlora.config import Config, load_config
 from qlora.data import Example, load_examples, select_examples
 from qlora.errors import UserError, run_cli
@@ -176,6 +177,7 @@ def run(args: argparse.Namespace) -> None:
         raise UserError("--config is required (or --score with --data)")
     if not (args.adapter or args.no_adapter):
         raise UserError("name the adapter with --adapter RUN/final, or pass --no-adapter")
+    quiet_other_ranks()  # under torchrun only rank 0 prints, from here on
     cfg = load_config(args.config, args.overrides)
     offline_unless_reachable(cfg)
     if args.merge_to:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qlora import use_expandable_segments
+from qlora import quiet_other_ranks, use_expandable_segments
 from qlora.config import Config, load_config
 from qlora.debug import BREAK_PHASES, BreakAt, parse_break_at
 from qlora.errors import UserError, run_cli
@@ -66,6 +66,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
+    quiet_other_ranks()  # under torchrun only rank 0 prints, from here on
     # 1. config: every problem reported before torch loads (a second, not ten)
     cfg = load_config(args.config, args.overrides)
     t = cfg.train
@@ -159,31 +160,32 @@ def load_model(cfg: Config, device: torch.device, world: World) -> torch.nn.Modu
 
 
 def plan_memory(args: argparse.Namespace, cfg: Config, data: TokenizedData) -> Config:
-    """The config with the memory plan applied (qlora/plan.py), printed; the config as it is
-    without train.memory_budget_gib or when it sets the planned keys itself (then said)."""
+    """The config with the memory plan applied (qlora/plan.py), printed; the config as it is without
+    a budget (null, or auto on a CPU), or, said, when it sets the planned keys itself, or (auto)
+    with eager attention or nothing fitting."""
     from qlora.config import given_keys
     from qlora.estimate import estimate_for_config
-    from qlora.memory import size
+    from qlora.memory import GIB, size
     from qlora.model import read_architecture
-    from qlora.plan import PLANNED_KEYS, choose, format_plans
+    from qlora.plan import EAGER, choose, format_plans, resolve_budget
 
-    budget = cfg.train.memory_budget_gib
+    budget = resolve_budget(cfg)  # with `auto`: this rank's GPU's free memory (none on a CPU)
     if budget is None:
         return cfg
     architecture, seq = read_architecture(cfg.model), longest_row(data)
-    given = given_keys(args.config, args.overrides)
-    planned, plans, chosen = choose(cfg, architecture, seq, given)
-    if chosen is not None:
-        print(f"memory plan: {chosen.describe()}, estimated peak {size(chosen.peak_bytes).strip()} of a "
-              f"{budget:g} GiB budget, {chosen.speed:.2f}x the speed of recomputing every layer")
+    choice = choose(cfg, architecture, seq, given_keys(args.config, args.overrides), budget)
+    if choice.chosen is not None:
+        print(f"memory plan: {choice.chosen.describe()}, estimated peak {size(choice.chosen.peak_bytes).strip()} "
+              f"of a {budget.describe()}, {choice.chosen.speed:.2f}x the speed of recomputing every layer")
         if args.estimate_memory:
-            print(format_plans(plans, chosen, budget))
+            print(format_plans(choice.plans, choice.chosen, budget))
+    elif choice.reason == EAGER:  # an estimate known to be low says nothing
+        print(f"memory plan: none, {EAGER}")
     else:
         peak = estimate_for_config(cfg, architecture, seq)["total"]
-        print(f"memory plan: none, the config sets {' and '.join(k for k in PLANNED_KEYS if k in given)} itself; "
-              f"estimated peak {size(peak).strip()}, {'within' if peak <= budget * 2**30 else 'OVER'} the "
-              f"{budget:g} GiB budget")
-    return planned
+        print(f"memory plan: none, {choice.reason}; estimated peak {size(peak).strip()}, "
+              f"{'within' if peak <= budget.gib * GIB else 'OVER'} the {budget.describe()}")
+    return choice.config
 
 
 def longest_row(data: TokenizedData) -> int:

@@ -37,6 +37,8 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=0, help="leave out the first steps (as the timed GPU runs do)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
+    if not 0 <= args.skip < args.steps:
+        p.error("--skip must be in [0, --steps)")
     cfg = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, build_prompter(tokenizer, cfg.data.format, cfg.data.chat_template_kwargs),

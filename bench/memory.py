@@ -94,7 +94,8 @@ def main() -> None:
     model = build_model(built, cfg.lora, cfg.train.precision, device, cfg.train.seed)
     hf_config = read_architecture(cfg.model)
     results = []
-    for norms, length, layout, recompute in itertools.product(args.norms, args.lengths, args.layouts, args.recompute):
+    norm_order = sorted(set(args.norms), key=lambda n: n != "fp32")  # fp32 first: the cast is one-way
+    for norms, length, layout, recompute in itertools.product(norm_order, args.lengths, args.layouts, args.recompute):
         rows = longest_rows(cfg, tokenizer, length, cfg.train.batch_size)
         batch = collate(rows, tokenizer.pad_token_id) if layout == "padded" else collate_packed(rows)
         width = batch["input_ids"].shape[1]

@@ -146,12 +146,14 @@ class TrainConfig:
     keep_last: int = key(2, "How many checkpoints to keep.", resume_safe=True)
     progress_bar: bool = key(True, "Show the tqdm progress bar (metrics.jsonl is written either way).",
                              resume_safe=True)
-    memory_budget_gib: float | None = key(
+    memory_budget_gib: float | Literal["auto"] | None = key(
         None, "Plan for this much peak allocated GPU memory, in GiB (a 16 GB card holds 14.9 GiB; leave about 2 "
               "for the CUDA context and the allocator's slack: 13): before the model loads, the run picks the "
               "fastest recompute setting that the memory estimate says fits, and prints it (qlora/plan.py; "
-              "--estimate-memory lists every candidate). null: no plan. A config that sets "
-              "model.recompute_activations or model.recompute_layers keeps its own.", resume_safe=True)
+              "--estimate-memory lists every candidate). auto: this GPU's free memory at start less 8% (at "
+              "least 1 GiB; 1.25 GiB more under torchrun); nothing on a CPU, nor with eager attention. null: "
+              "no plan (every layer recomputes). A config that sets model.recompute_activations or "
+              "model.recompute_layers keeps its own.", resume_safe=True)
 
 
 @dataclass(frozen=True)
@@ -340,8 +342,14 @@ def _coerce(value: Any, hint: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0])
+        for inner in (a for a in args if a is not type(None)):  # the first that takes the value
+            try:
+                return _coerce(value, inner)
+            except ValueError:
+                pass
+        names = [{float: "a number", int: "an integer", str: "a string", type(None): "null"}.get(a) or
+                 " or ".join(map(str, typing.get_args(a))) for a in args]
+        raise ValueError(f"expected {' or '.join(names)}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise ValueError(f"{value!r} is not allowed (allowed: {', '.join(map(str, args))})")
@@ -384,7 +392,8 @@ def check_values(cfg: Config) -> list[str]:
         (0 <= t.warmup_ratio < 1, "train.warmup_ratio: must be in [0, 1) (warmup cannot be as long as training)"),
         (t.max_grad_norm > 0, "train.max_grad_norm: must be > 0"),
         (t.save_every >= 0, "train.save_every: must be >= 0"),
-        (t.memory_budget_gib is None or t.memory_budget_gib > 0, "train.memory_budget_gib: must be > 0 or null"),
+        (t.memory_budget_gib in (None, "auto") or t.memory_budget_gib > 0,
+         "train.memory_budget_gib: must be > 0, auto or null"),
         (t.keep_last >= 1, "train.keep_last: must be >= 1"),
         (t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
          f"train.device: {t.device!r} is not allowed (allowed: auto, cpu, cuda, cuda:N)"),

@@ -16,9 +16,10 @@ from qlora.memory import size
 # kept when it predicts an answer token in *some* row of the batch, so the union over a batch of 4
 # KorQuAD rows (about 1% of each row's positions) comes to about 2-4%; 2% held on the measured runs.
 SUPERVISED_POSITIONS = 0.02
-# Fitted on Llama-2-7B, one H200, compiled layers, bf16 norms, rows of 2,048-8,192 tokens, 60 points
+# Fitted on Llama-2-7B, one H200, compiled layers, bf16 norms, 30 points: batches of 4 rows of
+# 512-2,048 tokens, padded or packed into one row, recompute all / 24 / 16 / 8 / none layers
 # (bench/results/2026-11-28-session6-h200/memory-grid-llama2-7b-h200.json; estimate +1.5% to +4.9%
-# over the measured peak at every recompute count): a compiled layer saves 3% more than the
+# over the measured peak at every point): a compiled layer saves 3% more than the
 # tensors listed below; while the last kept layer runs its backward, three quarters of a layer's
 # saved tensors more are live; recomputing a layer holds one and a half.
 COMPILED_SAVED = 1.03

@@ -1,5 +1,5 @@
-"""The memory plan: with `train.memory_budget_gib`, the fastest setting the memory estimate says fits
-the budget, chosen before the model loads.
+"""The memory plan: the fastest setting the memory estimate says fits `train.memory_budget_gib`
+(a number, or `auto`: the GPU's free memory at start, less a margin), chosen before the model loads.
 
 What it plans today: how many decoder layers recompute their activations (all, the first N, none).
 Recompute changes the speed and the memory, never the gradient, so a plan may change between a run
@@ -9,25 +9,69 @@ keeps its value (explicit values win), and the run says how its estimate compare
 Speed model: a step with every layer recomputed takes 1 + RECOMPUTE_COST times one with none, each
 recomputed layer a 1/L share of that (fitted on one H100, Llama-2-7B, extractive @2048). The
 estimate behind it is on the safe side, except for eager attention, which it does not price: a
-budget is refused with eager attention (README, "Where the memory goes").
+budget given as a number is refused with eager attention, and `auto` plans nothing there (README,
+"Where the memory goes").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from qlora.config import Config, peak_lowering_hints
 from qlora.errors import UserError
 from qlora.estimate import estimate_for_config
 from qlora.memory import GIB
+from qlora.model import resolve_device
 
 RECOMPUTE_COST = 0.505
 """Llama-2-7B, configs/llama2-7b-korquad.yaml, one H100 (an earlier session's train.py runs, steps
 3-14, reported in issue 14; the result files were not kept): 16,916 tokens/s with no layer
 recomputed, 11,237 with all 32; the linear share predicts 14,230 for 12 of 32, measured 13,960."""
 PLANNED_KEYS = ("model.recompute_activations", "model.recompute_layers")
+AUTO_MARGIN, AUTO_MIN_MARGIN_GIB, AUTO_TORCHRUN_GIB = 0.08, 1.0, 1.25
+"""`auto` leaves 8% of the free memory (at least 1 GiB) unplanned: the allocator reserves 3% + 0.3 GiB
+over the peak it allocates (H200, bench/results/2026-11-28-session6-h200/), and the rest is room for
+what the estimate was not fitted on (it sits 1.5-5% above the measured peaks it was). Under torchrun
+another 1.25 GiB: NCCL's buffers, outside the allocator, came to 1.2 GiB per rank on 2 H200s
+(bench/results/2026-11-28-session6-h200x2/gpu2-kept.log: 1.93 GiB of context and other, 0.75 alone)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    gib: float
+    """Peak allocated GiB to plan for."""
+    automatic: bool
+    """From the GPU's free memory (train.memory_budget_gib=auto), not a number in the config."""
+
+    def describe(self) -> str:
+        return f"{self.gib:g} GiB {'budget (auto: free GPU memory less a margin)' if self.automatic else 'budget'}"
+
+
+def auto_budget_gib(free_bytes: int, ranks: int = 1) -> float:
+    free = free_bytes / GIB
+    return round(free - max(AUTO_MIN_MARGIN_GIB, AUTO_MARGIN * free) - (AUTO_TORCHRUN_GIB if ranks > 1 else 0), 2)
+
+
+def resolve_budget(cfg: Config) -> Budget | None:
+    """The budget to plan for: the config's number, or with `auto` this process's GPU's free memory
+    less the margin (each torchrun rank plans for its own GPU); None: no plan (null, or `auto`
+    without a GPU)."""
+    setting = cfg.train.memory_budget_gib
+    if setting != "auto":
+        return None if setting is None else Budget(setting, automatic=False)
+    device = resolve_device(cfg.train.device)
+    if device.type != "cuda":
+        return None
+    # torchrun has not assigned devices yet: this rank's GPU is cuda:LOCAL_RANK (asking cuda:0 would
+    # put a CUDA context of every rank on GPU 0)
+    index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))
+    free, _ = torch.cuda.mem_get_info(index)  # creates this process's CUDA context first: it is not free
+    return Budget(auto_budget_gib(free, int(os.environ.get("WORLD_SIZE", 1))), automatic=True)
 
 
 @dataclass(frozen=True)
@@ -61,32 +105,50 @@ def candidates(cfg: Config, hf_config: Any, seq: int) -> list[Plan]:
             for p in plans]
 
 
-def choose(cfg: Config, hf_config: Any, seq: int, given: set[str]) -> tuple[Config, list[Plan], Plan | None]:
-    """(the config to run, the candidates, the chosen plan). No budget, or a config that sets the
-    planned keys itself: the config as it is, and no plan. Nothing fits: a UserError that names the
-    smallest budget that does."""
-    budget = cfg.train.memory_budget_gib
-    if budget is None or given & set(PLANNED_KEYS):
-        return cfg, [], None
+@dataclass(frozen=True)
+class Choice:
+    config: Config
+    """The config to run: the chosen plan applied, or the config as it is."""
+    plans: list[Plan]
+    chosen: Plan | None
+    reason: str | None = None
+    """Why nothing was planned (None with a plan, or without a budget)."""
+
+
+EAGER = "the memory estimate does not price eager attention's scores (Gemma-2 measured up to 36% above it)"
+
+
+def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budget | None) -> Choice:
+    """The fastest candidate within the budget. The config as it is: without a budget, when it sets
+    the planned keys itself, and (auto budget) with eager attention or nothing fitting. A budget
+    given as a number is refused instead: with eager attention, or when nothing fits (the message
+    names the smallest budget that does)."""
+    if budget is None:
+        return Choice(cfg, [], None)
+    if given & set(PLANNED_KEYS):
+        return Choice(cfg, [], None, f"the config sets {' and '.join(k for k in PLANNED_KEYS if k in given)} itself")
     if cfg.model.attn_implementation == "eager":
-        raise UserError("train.memory_budget_gib: the memory estimate does not price eager attention's scores "
-                        "(Gemma-2 measured up to 36% above it), so no plan can be trusted; set "
-                        "model.recompute_layers yourself")
+        if budget.automatic:
+            return Choice(cfg, [], None, EAGER)
+        raise UserError(f"train.memory_budget_gib: {EAGER}, so no plan can be trusted; set model.recompute_layers "
+                        f"yourself")
     plans = candidates(cfg, hf_config, seq)
-    fitting = [p for p in plans if p.peak_bytes <= budget * GIB]
-    if not fitting:
-        smallest = min(plans, key=lambda p: p.peak_bytes)
-        raise UserError(f"train.memory_budget_gib={budget:g}: no plan fits; the smallest ({smallest.describe()}) "
-                        f"needs {smallest.peak_bytes / GIB:.2f} GiB. Also lowers the peak: {peak_lowering_hints(leave_out=PLANNED_KEYS)}")
-    best = fitting[0]  # candidates run from no layer recomputed (fastest) to all
-    return best.apply(cfg), plans, best
+    fitting = [p for p in plans if p.peak_bytes <= budget.gib * GIB]
+    if fitting:
+        return Choice(fitting[0].apply(cfg), plans, fitting[0])  # candidates run from the fastest
+    smallest = min(plans, key=lambda p: p.peak_bytes)
+    needs = f"the smallest plan ({smallest.describe()}) needs {smallest.peak_bytes / GIB:.2f} GiB"
+    if budget.automatic:
+        return Choice(cfg, plans, None, f"nothing fits the free GPU memory ({needs}); the run may run out of it")
+    raise UserError(f"train.memory_budget_gib={budget.gib:g}: no plan fits; {needs}. Also lowers the peak: "
+                    f"{peak_lowering_hints(leave_out=PLANNED_KEYS)}")
 
 
-def format_plans(plans: list[Plan], chosen: Plan, budget_gib: float) -> str:
+def format_plans(plans: list[Plan], chosen: Plan, budget: Budget) -> str:
     """The table --estimate-memory prints: each candidate's predicted peak and relative speed."""
-    lines = [f"memory plans for a budget of {budget_gib:g} GiB (peak allocated as estimated; speed relative "
+    lines = [f"memory plans for a {budget.describe()} (peak allocated as estimated; speed relative "
              f"to recomputing every layer):"]
     for p in plans:
-        mark = "  <- chosen" if p == chosen else ("" if p.peak_bytes <= budget_gib * GIB else "  (over budget)")
+        mark = "  <- chosen" if p == chosen else ("" if p.peak_bytes <= budget.gib * GIB else "  (over budget)")
         lines.append(f"  {p.describe():<28} {p.peak_bytes / GIB:8.3f} GiB  {p.speed:5.2f}x{mark}")
     return "\n".join(lines)

@@ -66,7 +66,8 @@ def test_two_processes_train_what_one_does_and_resume_across_world_sizes(referen
     assert_same_run(two, reference)
     lines = read_metrics(two / "metrics.jsonl")
     assert {line["world_size"] for line in lines} == {2} and [r["rank"] for r in lines[0]["ranks"]] == [0, 1]
-    assert output.count("done: step 12") == 1  # rank 0 alone prints
+    assert output.count("done: step 12") == 1  # rank 0 alone prints: the summary ...
+    assert output.count("data: tokens per example") == 1  # ... and the data report, made before the group forms
     # a checkpoint of 2 processes resumed by 1 ...
     one = tmp_path / "one"
     assert train.main(["--config", str(TINY_YAML), *REFERENCE, f"train.output_dir={one}", f"model.random_init_cache={cache}",

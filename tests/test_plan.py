@@ -1,5 +1,6 @@
 """The memory plan (qlora/plan.py): the fastest recompute setting the estimate says fits
-train.memory_budget_gib, explicit values winning, and a refusal that names the smallest budget."""
+train.memory_budget_gib (a number, or `auto` from the GPU's free memory), explicit values winning,
+and a refusal that names the smallest budget."""
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from qlora.errors import UserError
 from qlora.estimate import estimate_for_config
 from qlora.memory import GIB
 from qlora.model import build_model, decoder_layers, read_architecture
-from qlora.plan import candidates, choose
+from qlora.plan import EAGER, Budget, auto_budget_gib, candidates, choose, resolve_budget
 from tests.conftest import ROOT, TINY_YAML
 
 LLAMA2 = ROOT / "configs" / "llama2-7b-korquad.yaml"
@@ -21,23 +22,23 @@ def plan_for(budget, *overrides, path=LLAMA2, seq=2048):
     items = [f"train.memory_budget_gib={budget}", *overrides]
     cfg = load_config(path, items)
     arch = read_architecture(cfg.model)
-    return choose(cfg, arch, seq, given_keys(path, items)), arch
+    return choose(cfg, arch, seq, given_keys(path, items), resolve_budget(cfg)), arch
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_the_plan_is_the_fastest_candidate_within_the_budget(budget):
-    (planned, plans, chosen), arch = plan_for(budget)
-    assert estimate_for_config(planned, arch, 2048)["total"] <= budget * GIB
-    assert all(p.peak_bytes > budget * GIB for p in plans if p.speed > chosen.speed)
-    assert [p.speed for p in plans] == sorted((p.speed for p in plans), reverse=True)
-    assert plans[0].peak_bytes > plans[arch.num_hidden_layers // 2].peak_bytes > plans[-1].peak_bytes
+    choice, arch = plan_for(budget)
+    assert estimate_for_config(choice.config, arch, 2048)["total"] <= budget * GIB
+    assert all(p.peak_bytes > budget * GIB for p in choice.plans if p.speed > choice.chosen.speed)
+    assert [p.speed for p in choice.plans] == sorted((p.speed for p in choice.plans), reverse=True)
+    assert choice.plans[0].peak_bytes > choice.plans[arch.num_hidden_layers // 2].peak_bytes > choice.plans[-1].peak_bytes
 
 
 def test_a_larger_budget_never_plans_a_slower_step():
-    speeds = [plan_for(b)[0][2].speed for b in BUDGETS]
+    speeds = [plan_for(b)[0].chosen.speed for b in BUDGETS]
     assert speeds == sorted(speeds) and speeds[-1] > speeds[0]
-    (planned, _, chosen), _ = plan_for(80)  # the whole card: nothing recomputed
-    assert chosen.recomputed == 0 and not planned.model.recompute_activations
+    choice, _ = plan_for(80)  # the whole card: nothing recomputed
+    assert choice.chosen.recomputed == 0 and not choice.config.model.recompute_activations
 
 
 def test_the_planned_layers_are_the_ones_that_recompute(tmp_path):
@@ -48,15 +49,16 @@ def test_the_planned_layers_are_the_ones_that_recompute(tmp_path):
     assert [p.recomputed for p in plans] == [0, 1, 2] and plans[0].peak_bytes > plans[1].peak_bytes
     budget = (plans[0].peak_bytes + plans[1].peak_bytes) / 2 / GIB
     items = [f"model.random_init_cache={tmp_path}", f"train.memory_budget_gib={budget}"]
-    planned, _, chosen = choose(load_config(TINY_YAML, items), read_architecture(cfg.model), 128,
-                                given_keys(TINY_YAML, items))
+    choice = choose(load_config(TINY_YAML, items), read_architecture(cfg.model), 128,
+                    given_keys(TINY_YAML, items), Budget(budget, automatic=False))
+    planned, chosen = choice.config, choice.chosen
     assert chosen.recomputed == 1 and planned.model.recompute_layers == 1
     model = build_model(planned.model, planned.lora, "fp32", torch.device("cpu"), 0)
     assert [layer.gradient_checkpointing for layer in decoder_layers(model)] == [True, False]
 
 
 def test_no_plan_fits_names_the_smallest_budget_and_eager_attention_is_not_planned():
-    with pytest.raises(UserError, match=r"no plan fits; the smallest \(recompute 32 of 32 layers\) needs [0-9.]+ GiB"
+    with pytest.raises(UserError, match=r"no plan fits; the smallest plan \(recompute 32 of 32 layers\) needs [0-9.]+ GiB"
                                          r"\. Also lowers the peak: model.upcast_non_quantized=false, data.max_length"):
         plan_for(2)
     with pytest.raises(UserError, match="does not price eager attention"):
@@ -64,8 +66,9 @@ def test_no_plan_fits_names_the_smallest_budget_and_eager_attention_is_not_plann
 
 
 def test_explicit_recompute_settings_win_and_the_run_says_so(tmp_path, capsys):
-    (planned, plans, chosen), _ = plan_for(16, "model.recompute_layers=8")
-    assert chosen is None and planned.model.recompute_layers == 8
+    choice, _ = plan_for(16, "model.recompute_layers=8")
+    assert choice.chosen is None and choice.config.model.recompute_layers == 8
+    assert choice.reason == "the config sets model.recompute_layers itself"
     common = ["--config", str(TINY_YAML), "--dry-run", f"train.output_dir={tmp_path / 'run'}"]
     assert train.main([*common, "train.memory_budget_gib=0.0001", "model.recompute_activations=true"]) == 0
     assert ("memory plan: none, the config sets model.recompute_activations itself; estimated peak"
@@ -81,3 +84,32 @@ def test_train_prints_the_plan_and_the_candidates_and_data_commands_plan_nothing
     assert "no plan fits" in capsys.readouterr().err
     assert train.main([*common, "train.memory_budget_gib=0.0001", "--inspect-data", "1", "--json"]) == 0
     assert capsys.readouterr().out.lstrip().startswith("[")
+
+
+def test_auto_plans_for_this_ranks_free_gpu_memory_less_a_margin(monkeypatch):
+    auto_cfg = load_config(LLAMA2, ["train.memory_budget_gib=auto"])
+    assert load_config(LLAMA2).train.memory_budget_gib is None  # off unless asked for
+    assert auto_budget_gib(int(14.3 * GIB)) == pytest.approx(13.16)  # a 16 GB card: 8% left
+    assert auto_budget_gib(int(8 * GIB)) == pytest.approx(7.0)  # at least 1 GiB left
+    assert auto_budget_gib(int(14.3 * GIB), ranks=2) == pytest.approx(11.91)  # and NCCL's buffers under torchrun
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_budget(auto_cfg) is None  # the CPU plans nothing
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: asked.append(i) or (int(14.3 * GIB), 16 * GIB))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve_budget(auto_cfg) == Budget(11.91, automatic=True) and asked == [1]  # rank 1 asks its own GPU
+    assert resolve_budget(load_config(LLAMA2, ["train.memory_budget_gib=null"])) is None
+    assert resolve_budget(load_config(LLAMA2, ["train.memory_budget_gib=13"])) == Budget(13, automatic=False)
+
+
+def test_auto_goes_on_unplanned_where_a_number_is_refused():
+    cfg, gemma = load_config(LLAMA2), load_config(ROOT / "configs" / "gemma2-9b-korquad.yaml")
+    arch = read_architecture(cfg.model)
+    nothing = choose(cfg, arch, 2048, set(), Budget(-0.5, automatic=True))  # under 1 GiB was free
+    assert nothing.chosen is None and nothing.config == cfg and "nothing fits the free GPU memory" in nothing.reason
+    eager = choose(gemma, read_architecture(gemma.model), 2048, set(), Budget(13, automatic=True))
+    assert eager.chosen is None and eager.config == gemma and eager.reason == EAGER
+    with pytest.raises(UserError, match="does not price eager attention"):
+        choose(gemma, read_architecture(gemma.model), 2048, set(), Budget(13, automatic=False))
