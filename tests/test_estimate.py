@@ -43,8 +43,8 @@ GRID = ROOT / "bench" / "results" / "2026-11-28-session6-h200" / "memory-grid-ll
 @pytest.mark.parametrize("row", json.loads(GRID.read_text())["results"],
                          ids=lambda r: f"{r['max_length']}-{r['layout']}-recompute={r['recompute']}")
 def test_estimate_of_every_plan_is_above_and_within_5_percent_of_the_measured_peak(row):
-    """Recompute counts across the range a plan picks from (all, the first 24, 16, 8 layers, none), padded and packed,
-    at 512 / 1024 / 2048: Llama-2-7B as shipped (compiled layers, bf16 norms, varlen), one H200
+    """Recompute counts across the range a plan picks from (all, the first 24, 16, 8 layers, none),
+    padded and packed, at 512 / 1024 / 2048: Llama-2-7B as shipped (compiled layers, bf16 norms, varlen), one H200
     (bench/memory.py). The plan relies on this: never under, at most 5% over."""
     from bench.memory import variant
 
