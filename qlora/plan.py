@@ -146,8 +146,8 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
 
 def format_plans(plans: list[Plan], chosen: Plan, budget: Budget) -> str:
     """The table --estimate-memory prints: each candidate's predicted peak and relative speed."""
-    lines = [f"memory plans for a {budget.describe()} (peak allocated as estimated; speed relative "
-             f"to recomputing every layer):"]
+    lines = [f"memory plans for a {budget.describe()}; peak allocated as estimated, speed relative "
+             f"to recomputing every layer:"]
     for p in plans:
         mark = "  <- chosen" if p == chosen else ("" if p.peak_bytes <= budget.gib * GIB else "  (over budget)")
         lines.append(f"  {p.describe():<28} {p.peak_bytes / GIB:8.3f} GiB  {p.speed:5.2f}x{mark}")
