@@ -49,19 +49,27 @@ def init(device_name: str) -> tuple[World, torch.device]:
     qlora.quiet_other_ranks, called first by train.py and evaluate.py.)"""
     world = World(rank=int(os.environ.get("RANK", 0)), size=int(os.environ.get("WORLD_SIZE", 1)),
                   local_rank=int(os.environ.get("LOCAL_RANK", 0)))
-    device = resolve_device(device_name)
+    device = local_device(device_name)
     if world.size == 1:
         return world, device
-    if device_name.startswith("cuda:"):
-        raise UserError(f"train.device={device_name} under torchrun: each rank takes cuda:LOCAL_RANK; "
-                        f"use train.device=auto or cuda")
     if device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=_store(world), rank=world.rank,
                             world_size=world.size, device_id=device if device.type == "cuda" else None)
     atexit.register(finish, world)  # also after an early return or an error
     return world, device
+
+
+def local_device(device_name: str) -> torch.device:
+    """This process's device, known before the process group forms: under torchrun each rank takes
+    cuda:LOCAL_RANK (and cuda:N is refused there)."""
+    device = resolve_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return device
+    if device_name.startswith("cuda:"):
+        raise UserError(f"train.device={device_name} under torchrun: each rank takes cuda:LOCAL_RANK; "
+                        f"use train.device=auto or cuda")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device.type == "cuda" else device
 
 
 def _store(world: World) -> dist.Store | None:

@@ -98,11 +98,14 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
     layer_saved = tokens * (compute_bytes * (3 * shape.hidden + q + 2 * kv + 3 * shape.intermediate)
                             + stream_bytes * 3 * shape.hidden + dropout_copies) * (COMPILED_SAVED if compiled else 1)
     residual = tokens * shape.hidden * stream_bytes
-    recomputed = 0 if not recompute else shape.layers if recompute_layers is None else min(recompute_layers, shape.layers)
+    recomputed = 0
+    if recompute:
+        recomputed = shape.layers if recompute_layers is None else min(recompute_layers, shape.layers)
     # the recomputed (first) layers keep their inputs; the kept layers' saved tensors are freed,
-    # last layer first, before the first recompute needs room
+    # last layer first, before the first recompute needs room (and one kept layer with its working
+    # set, 1.75 layers, is more than one recompute's 1.5)
     kept = shape.layers - recomputed
-    activations = recomputed * residual + max(kept + KEPT_WORKING if kept else 0, RECOMPUTE_WORKING) * layer_saved
+    activations = recomputed * residual + (kept + KEPT_WORKING if kept else RECOMPUTE_WORKING) * layer_saved
     positions = seq if logits_everywhere else max(1, math.ceil(seq * SUPERVISED_POSITIONS))
     logits = batch * positions * shape.vocab * (compute_bytes + 4 + 4)
     # dequantizing one weight matrix for the matmul, forward and backward

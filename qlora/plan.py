@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from qlora.config import Config, peak_lowering_hints
+from qlora.distributed import local_device
 from qlora.errors import UserError
 from qlora.estimate import estimate_for_config
 from qlora.memory import GIB
-from qlora.model import resolve_device
 
 RECOMPUTE_COST = 0.505
 """Llama-2-7B, configs/llama2-7b-korquad.yaml, one H100 (an earlier session's train.py runs, steps
@@ -64,13 +64,10 @@ def resolve_budget(cfg: Config) -> Budget | None:
     setting = cfg.train.memory_budget_gib
     if setting != "auto":
         return None if setting is None else Budget(setting, automatic=False)
-    device = resolve_device(cfg.train.device)
+    device = local_device(cfg.train.device)  # this rank's GPU (cuda:0 would get every rank's context)
     if device.type != "cuda":
         return None
-    # torchrun has not assigned devices yet: this rank's GPU is cuda:LOCAL_RANK (asking cuda:0 would
-    # put a CUDA context of every rank on GPU 0)
-    index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))
-    free, _ = torch.cuda.mem_get_info(index)  # creates this process's CUDA context first: it is not free
+    free, _ = torch.cuda.mem_get_info(device)  # creates this process's CUDA context first: it is not free
     return Budget(auto_budget_gib(free, int(os.environ.get("WORLD_SIZE", 1))), automatic=True)
 
 

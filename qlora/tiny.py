@@ -79,7 +79,7 @@ def build_tokenizer(texts: Iterable[str], kind: str, vocab_size: int, limit_alph
     names = {"bos_token": layout.bos, "eos_token": layout.eos, "pad_token": layout.pad,
              "unk_token": "<unk>" if layout.sentencepiece else None}
     out = PreTrainedTokenizerFast(tokenizer_object=tok, **{k: v for k, v in names.items() if v},
-                                  additional_special_tokens=[t for t in layout.specials])
+                                  additional_special_tokens=list(layout.specials))
     out.chat_template = chat_template
     return out
 
@@ -160,6 +160,7 @@ def main() -> None:
     template = args.chat_template.read_text(encoding="utf-8") if args.chat_template else None
     build_tokenizer(texts + template_words() * 50, args.kind, args.vocab, args.limit_alphabet,
                     template).save_pretrained(args.out)
+
 
 if __name__ == "__main__":
     main()

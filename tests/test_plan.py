@@ -99,7 +99,7 @@ def test_auto_plans_for_this_ranks_free_gpu_memory_less_a_margin(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: asked.append(i) or (int(14.3 * GIB), 16 * GIB))
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert resolve_budget(auto_cfg) == Budget(11.91, automatic=True) and asked == [1]  # rank 1 asks its own GPU
+    assert resolve_budget(auto_cfg) == Budget(11.91, automatic=True) and asked == [torch.device("cuda", 1)]  # rank 1 asks its own GPU
     assert resolve_budget(load_config(LLAMA2, ["train.memory_budget_gib=null"])) is None
     assert resolve_budget(load_config(LLAMA2, ["train.memory_budget_gib=13"])) == Budget(13, automatic=False)
 
