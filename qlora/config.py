@@ -147,13 +147,13 @@ class TrainConfig:
     progress_bar: bool = key(True, "Show the tqdm progress bar (metrics.jsonl is written either way).",
                              resume_safe=True)
     memory_budget_gib: float | Literal["auto"] | None = key(
-        None, "Plan for this much peak allocated GPU memory, in GiB (a 16 GB card holds 14.9 GiB; leave about 2 "
-              "for the CUDA context and the allocator's slack: 13): before the model loads, the run picks the "
-              "fastest recompute setting that the memory estimate says fits, and prints it (qlora/plan.py; "
-              "--estimate-memory lists every candidate). auto: this GPU's free memory at start less 8% (at "
-              "least 1 GiB; 1.25 GiB more under torchrun); nothing on a CPU, nor with eager attention. null: "
-              "no plan (every layer recomputes). A config that sets model.recompute_activations or "
-              "model.recompute_layers keeps its own.", resume_safe=True)
+        "auto", "Plan for this much peak allocated GPU memory, in GiB: before the model loads, the run picks "
+                "the fastest recompute setting that the memory estimate says fits, and prints it (qlora/plan.py; "
+                "--estimate-memory lists every candidate). auto: this GPU's free memory at start less 8% (at "
+                "least 1 GiB; 1.25 GiB more under torchrun); nothing on a CPU, nor with eager attention. A number "
+                "for a GPU shared with other work (a 16 GB card holds 14.9 GiB; leave about 2 for the CUDA context "
+                "and the allocator's slack: 13). null: no plan (every layer recomputes). A config that sets "
+                "model.recompute_activations or model.recompute_layers keeps its own.", resume_safe=True)
 
 
 @dataclass(frozen=True)

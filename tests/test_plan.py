@@ -88,7 +88,7 @@ def test_train_prints_the_plan_and_the_candidates_and_data_commands_plan_nothing
 
 def test_auto_plans_for_this_ranks_free_gpu_memory_less_a_margin(monkeypatch):
     auto_cfg = load_config(LLAMA2, ["train.memory_budget_gib=auto"])
-    assert load_config(LLAMA2).train.memory_budget_gib is None  # off unless asked for
+    assert load_config(LLAMA2).train.memory_budget_gib == "auto"  # the default
     assert auto_budget_gib(int(14.3 * GIB)) == pytest.approx(13.16)  # a 16 GB card: 8% left
     assert auto_budget_gib(int(8 * GIB)) == pytest.approx(7.0)  # at least 1 GiB left
     assert auto_budget_gib(int(14.3 * GIB), ranks=2) == pytest.approx(11.91)  # and NCCL's buffers under torchrun
