@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
     # torch, transformers, peft and bitsandbytes load only now
     from qlora import distributed
     from qlora.batching import data_order, total_steps
-    from qlora.checkpoint import data_fingerprint, numbers_config, open_run_dir, save_final
+    from qlora.checkpoint import data_fingerprint, gather_trained, numbers_config, open_run_dir, save_final
     from qlora.data import prepare_data
     from qlora.logs import MetricsLog
     from qlora.loop import SavePlan, StepSettings, Watch, fit
@@ -101,6 +101,9 @@ def run(args: argparse.Namespace) -> None:
     world, device = distributed.init(t.device)
     if args.break_at and world.size > 1:
         raise UserError("--break-at stops one process in the debugger: run train.py without torchrun")
+    if cfg.model.shard and world.size == 1:
+        raise UserError("model.shard=true splits the model over torchrun's processes: run it with "
+                        "torchrun --nproc-per-node N (N >= 2), or set model.shard=false")
     hint = distributed.split_hint(cfg.data.packing, cfg.data.pack_rows_multiple, world)
     if hint:
         print(hint)
@@ -116,16 +119,18 @@ def run(args: argparse.Namespace) -> None:
               f"{world.size} x {device.type}, into {t.output_dir}; no model loaded, nothing written")
         return
 
-    # 4. model: 4-bit base + fp32 LoRA adapters, in train mode
+    # 4. model: 4-bit base + fp32 LoRA adapters, in train mode; on several ranks DDP over the
+    #    adapters, or (model.shard) FSDP over the whole model
     model = load_model(cfg, device, world)
+    start.restore_adapter(model)
+    trained = distributed.wrap(model, world, device, sharded=cfg.model.shard)
 
     # 5. training state: optimizer, schedule, loss scaling (from a checkpoint: restored last, so
     #    its RNG states are the loop's)
-    state = build_training_state(model, t, n_steps, device)
+    state = build_training_state(trained, t, n_steps, device)
     run_dir = open_run_dir(cfg, start) if world.is_main else Path(t.output_dir)
     distributed.barrier(world)
-    start.restore(model, state)
-    trained = distributed.wrap(model, world, device)  # DDP over the adapters on several ranks
+    start.restore(trained, state)
 
     # 6. loop
     if args.memory_snapshot and device.type != "cuda":
@@ -141,7 +146,8 @@ def run(args: argparse.Namespace) -> None:
         metrics.close()
 
     # 7. save
-    final = None if result.interrupted or not world.is_main else save_final(model, tokenizer, cfg, run_dir)
+    adapter = gather_trained(trained, state.optimizer).adapter  # under FSDP a collective: every rank
+    final = None if result.interrupted or not world.is_main else save_final(model, adapter, tokenizer, cfg, run_dir)
     print(summary(args, result, estimate, run_dir, final, world.size))
 
 
@@ -167,7 +173,7 @@ def plan_memory(args: argparse.Namespace, cfg: Config, data: TokenizedData) -> C
     from qlora.estimate import estimate_for_config
     from qlora.memory import GIB, size
     from qlora.model import read_architecture
-    from qlora.plan import EAGER, choose, format_plans, resolve_budget
+    from qlora.plan import EAGER, SHARDED, choose, format_plans, resolve_budget
 
     budget = resolve_budget(cfg)  # with `auto`: this rank's GPU's free memory (none on a CPU)
     if budget is None:
@@ -179,8 +185,8 @@ def plan_memory(args: argparse.Namespace, cfg: Config, data: TokenizedData) -> C
               f"of a {budget.describe()}, {choice.chosen.speed:.2f}x the speed of recomputing every layer")
         if args.estimate_memory:
             print(format_plans(choice.plans, choice.chosen, budget))
-    elif choice.reason == EAGER:  # an estimate known to be low says nothing
-        print(f"memory plan: none, {EAGER}")
+    elif choice.reason in (EAGER, SHARDED):  # an estimate that does not apply says nothing
+        print(f"memory plan: none, {choice.reason}")
     else:
         peak = estimate_for_config(cfg, architecture, seq)["total"]
         print(f"memory plan: none, {choice.reason}; estimated peak {size(peak).strip()}, "

@@ -17,6 +17,7 @@ checked against the SHA-256 in meta.json first.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -31,17 +32,21 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft import set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from qlora.config import Config, resume_safe_keys
+from qlora.distributed import unwrap
 from qlora.errors import UserError
 from qlora.optim import TrainingState
+from qlora.shard import full_adapter, full_optimizer_state, load_optimizer_state
 
 CHECKPOINTS = "checkpoints"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "memory.json", "memory_snapshot.pickle", CHECKPOINTS, "final")
 ADAPTER, OPTIMIZER, STATE, META = "adapter_model.safetensors", "optimizer.pt", "state.pt", "meta.json"
+ADAPTER_NAME = "default"  # peft's name for a model's one adapter
 FORMAT = 2  # meta.json's "format"; 2: config keys renamed (recompute_*, train.progress_bar), "totals"
 
 
@@ -103,11 +108,42 @@ def open_run_dir(cfg: Config, start: "Start") -> Path:
     return run_dir
 
 
-def save_final(model: Any, tokenizer: Any, cfg: Config, run_dir: Path) -> Path:
-    """Adapter weights as safetensors + adapter_config.json (what PeftModel.from_pretrained reads),
-    the tokenizer, and the config that produced them."""
+@dataclass(frozen=True)
+class Trained:
+    """What training changed, as full tensors (gathered from the shards under FSDP)."""
+    adapter: dict[str, torch.Tensor]
+    """The trainable (LoRA) weights in PEFT's saved layout (adapter_model.safetensors)."""
+    optimizer: dict[str, Any]
+    """The optimizer's state_dict, in an unsharded run's layout (under FSDP: on rank 0, {} elsewhere)."""
+
+
+def gather_trained(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Trained:
+    """The adapters and the optimizer state of `model` (itself, DDP or FSDP). A collective under
+    FSDP: every rank calls it; the other layouts copy nothing."""
+    if isinstance(model, FSDP):
+        weights = full_adapter(model)
+        return Trained(peft_layout(weights), full_optimizer_state(model, optimizer, list(weights)))
+    weights = {name: p.detach() for name, p in unwrap(model).named_parameters() if p.requires_grad}
+    return Trained(peft_layout(weights), optimizer.state_dict())
+
+
+def peft_layout(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Trainable weights by their names in the PEFT model, keyed as PEFT saves them: without the
+    adapter's name ('...q_proj.lora_A.default.weight' -> '...q_proj.lora_A.weight', peft's
+    get_peft_model_state_dict; a test holds the two equal). peft's own function finds the adapter
+    layers by module name, which FSDP changes."""
+    return {name.replace(f".{ADAPTER_NAME}.", "."): w for name, w in weights.items()}
+
+
+def save_final(model: Any, adapter: dict[str, torch.Tensor], tokenizer: Any, cfg: Config, run_dir: Path) -> Path:
+    """The adapter (gather_trained's) as safetensors + the PEFT model's adapter_config.json (what
+    PeftModel.from_pretrained reads), the tokenizer, and the config that produced them."""
     final = run_dir / "final"
-    model.save_pretrained(final, safe_serialization=True)
+    final.mkdir(parents=True, exist_ok=True)
+    save_file(adapter, final / ADAPTER)
+    config = copy.deepcopy(model.peft_config[ADAPTER_NAME])
+    config.inference_mode = True  # as peft's save_pretrained writes it
+    config.save_pretrained(final)
     tokenizer.save_pretrained(final)
     write_config(cfg, final)
     return final
@@ -115,17 +151,18 @@ def save_final(model: Any, tokenizer: Any, cfg: Config, run_dir: Path) -> Path:
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_checkpoint(run_dir: Path, step: int, model: Any, state: TrainingState, cfg: Config,
+def save_checkpoint(run_dir: Path, step: int, trained: Trained, state: TrainingState, cfg: Config,
                     data_fingerprint: str, totals: dict[str, Any], keep_last: int, world_size: int = 1) -> Path:
-    """Adapter, optimizer (8-bit states included), scheduler, GradScaler, RNG states, step and
-    the config, as checkpoints/step-N. Returns its path; older ones beyond `keep_last` are removed."""
+    """Adapter and optimizer (8-bit states included) of `trained`, scheduler, GradScaler, RNG
+    states, step and the config, as checkpoints/step-N. Returns its path; older ones beyond
+    `keep_last` are removed."""
     root = run_dir / CHECKPOINTS
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(get_peft_model_state_dict(model), tmp / ADAPTER)
-    torch.save(state.optimizer.state_dict(), tmp / OPTIMIZER)
+    save_file(trained.adapter, tmp / ADAPTER)
+    torch.save(trained.optimizer, tmp / OPTIMIZER)
     torch.save({"step": step, "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
                 "rng": rng_state(), "totals": totals}, tmp / STATE)
     write_config(cfg, tmp)
@@ -236,17 +273,27 @@ class Start:
     def from_checkpoint(ckpt: Checkpoint) -> "Start":
         return Start(step=ckpt.step, totals=ckpt.state["totals"], checkpoint=ckpt)
 
-    def restore(self, model: Any, state: TrainingState) -> None:
-        """Put the run back where the checkpoint left it (nothing to do for a fresh run). Call it
-        last before the loop: building the model consumes random numbers, and the RNG states
-        restored here must be the loop's."""
+    def restore_adapter(self, model: Any) -> None:
+        """The checkpoint's adapter weights into the PEFT model, before DDP or FSDP wraps it
+        (nothing to do for a fresh run)."""
         ckpt = self.checkpoint
         if ckpt is None:
             return
         result = set_peft_model_state_dict(model, ckpt.adapter)
         if getattr(result, "unexpected_keys", None):
             raise UserError(f"checkpoint {ckpt.path}: adapter has unexpected weights {result.unexpected_keys[:3]}")
-        state.optimizer.load_state_dict(ckpt.optimizer)
+
+    def restore(self, model: torch.nn.Module, state: TrainingState) -> None:
+        """The rest of the run's state (`model`: as wrapped for training; its adapter restored by
+        restore_adapter). Call it last before the loop: building the model consumes random
+        numbers, and the RNG states restored here must be the loop's."""
+        ckpt = self.checkpoint
+        if ckpt is None:
+            return
+        if isinstance(model, FSDP):  # the optimizer holds flat shards: load by name, then shard
+            load_optimizer_state(model, state.optimizer, ckpt.optimizer, list(full_adapter(model)))
+        else:
+            state.optimizer.load_state_dict(ckpt.optimizer)
         repage_optimizer_state(state.optimizer)
         state.scheduler.load_state_dict(ckpt.state["scheduler"])
         state.scaler.load_state_dict(ckpt.state["scaler"])

@@ -73,6 +73,11 @@ class ModelConfig:
         "sdpa", "varlen: flash attention over each example's own tokens (qlora/attention.py); with packing "
                 "it skips the masked blocks SDPA computes. Training only (bf16/fp16 on a GPU; the CPU runs "
                 "one SDPA call per example); generation uses SDPA.", resume_safe=True)
+    shard: bool = key(
+        False, "Under torchrun, shard the 4-bit base and the adapters over the ranks with PyTorch FSDP "
+               "(qlora/shard.py), instead of a whole model per rank: a model too large for one GPU. Needs "
+               "train.precision=bf16, train.optimizer=adamw, upcast_non_quantized=false and compile_layers=false.",
+        resume_safe=True)
     cudnn_attention: bool = key(
         False, "Let SDPA pick cuDNN's attention kernel. Off: on an H200 it spent 12-32 ms of CPU per call "
                "planning for each new sequence shape.", resume_safe=True)
@@ -401,6 +406,17 @@ def check_values(cfg: Config) -> list[str]:
         (m.recompute_layers is None or m.recompute_layers >= 0, "model.recompute_layers: must be >= 0 or null"),
         (m.attn_implementation != "varlen" or t.precision != "fp32" or t.device == "cpu",
          "model.attn_implementation=varlen: flash attention needs train.precision bf16 or fp16 on a GPU"),
+        (not m.shard or t.precision == "bf16",
+         "model.shard=true: needs train.precision=bf16 (FSDP's flat parameters hold the 4-bit weights as bf16)"),
+        (not m.shard or t.optimizer == "adamw",
+         "model.shard=true: needs train.optimizer=adamw (bitsandbytes' 8-bit optimizers keep per-tensor "
+         "block states that FSDP cannot shard or gather)"),
+        (not m.shard or not m.compile_layers,
+         "model.shard=true: needs model.compile_layers=false (compiled layers inside FSDP's units stalled "
+         "a 2-GPU run for minutes after its first step)"),
+        (not m.shard or not m.upcast_non_quantized,
+         "model.shard=true: needs model.upcast_non_quantized=false (an FSDP unit flattens its frozen weights "
+         "into one bf16 tensor)"),
         (cfg.eval.batch_size >= 1, "eval.batch_size: must be >= 1"),
         (1 <= cfg.eval.max_new_tokens < d.max_length, "eval.max_new_tokens: must be in [1, data.max_length)"),
         (d.limit is None or d.limit >= 1, "data.limit: must be >= 1 or null"),

@@ -11,11 +11,13 @@ mean). So 1, 2 or 4 processes compute the same gradient, up to the order of floa
 
 Global rank 0 owns the run's files and the printed output; every rank's errors reach stderr.
 One process without torchrun is world size 1: no process group, no DDP, nothing changes.
+With model.shard=true FSDP replaces DDP, each rank holding 1/N of the model (qlora/shard.py).
 """
 
 from __future__ import annotations
 
 import atexit
+from collections import Counter
 import inspect
 import os
 from contextlib import nullcontext
@@ -24,11 +26,13 @@ from typing import Any, ContextManager
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.nn.parallel import DistributedDataParallel
 
 from qlora.data import IGNORE
 from qlora.errors import UserError
 from qlora.model import resolve_device
+from qlora.shard import shard
 
 
 @dataclass(frozen=True)
@@ -87,9 +91,12 @@ def finish(world: World) -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
-    """DDP over the trainable (LoRA) weights when there are several ranks; the model itself else.
-    Every rank builds the same model from the same seed, so nothing is broadcast at the start."""
+def wrap(model: torch.nn.Module, world: World, device: torch.device, sharded: bool = False) -> torch.nn.Module:
+    """DDP over the trainable (LoRA) weights when there are several ranks, or FSDP over the whole
+    model with `sharded` (qlora/shard.py); the model itself on one process. Every rank builds the
+    same model from the same seed, so nothing is broadcast at the start."""
+    if sharded:
+        return shard(model, device)
     if world.size == 1:
         return model
     # no buffer to keep in step (rotary tables are constants); torch 2.13 renamed the switch
@@ -109,17 +116,32 @@ def sum_gradients(state, bucket):  # no hints: DDP checks them, and this module'
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    """The PEFT model inside DDP or FSDP (under FSDP its weights are flat shards)."""
+    return model.module if isinstance(model, (DistributedDataParallel, FSDP)) else model
 
 
 def sync_gradients(model: torch.nn.Module, last: bool) -> ContextManager[Any]:
-    """Within an accumulation window DDP all-reduces only at the last micro-batch's backward."""
-    return nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
+    """Within an accumulation window DDP and FSDP reduce only at the last micro-batch's backward
+    (FSDP keeps the adapters' full gradients until then: a few hundred MB at most)."""
+    return nullcontext() if last or not isinstance(model, (DistributedDataParallel, FSDP)) else model.no_sync()
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the trainable weights' gradients to `max_norm` in total; returns the norm before (a
+    sync point). Under FSDP each rank holds a shard of each gradient: its own clip sums the shards'
+    squares over the ranks."""
+    if isinstance(model, FSDP):
+        return float(model.clip_grad_norm_(max_norm))
+    params = [p for p in model.parameters() if p.requires_grad]  # after DDP's all-reduce: the same on every rank
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
 def share(batches: list[dict[str, Any]], world: World) -> list[dict[str, Any]]:
     """This rank's micro-batches of a step: whole micro-batches, longest first to the rank with the
-    fewest tokens so far, in their original order. A rank left without one gets `idle_batch()`."""
+    fewest tokens so far, in their original order. Every rank runs as many as the busiest rank, the
+    missing ones `idle_batch()`: under FSDP every forward and backward gathers weights from all
+    ranks, so a rank with fewer would leave the others waiting forever (DDP all-reduces once per
+    step and needs no padding; it costs it a forward and backward of 2 tokens)."""
     if world.size == 1:
         return batches
     load, owner = [0] * world.size, {}
@@ -127,7 +149,8 @@ def share(batches: list[dict[str, Any]], world: World) -> list[dict[str, Any]]:
         rank = min(range(world.size), key=lambda r: (load[r], r))
         owner[i], load[rank] = rank, load[rank] + batches[i]["n_tokens"]
     mine = [b for i, b in enumerate(batches) if owner[i] == world.rank]
-    return mine or [idle_batch()]
+    busiest = max(Counter(owner.values()).values())
+    return mine + [idle_batch() for _ in range(busiest - len(mine))]
 
 
 def split_hint(packing: bool, rows_multiple: int, world: World) -> str | None:

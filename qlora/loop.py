@@ -27,12 +27,12 @@ from tqdm import tqdm
 
 from qlora.attention import VARLEN, sequence_bounds
 from qlora.batching import DataOrder
-from qlora.checkpoint import CHECKPOINTS, Start, save_checkpoint
+from qlora.checkpoint import CHECKPOINTS, Start, gather_trained, save_checkpoint
 from qlora.config import Config, TrainConfig, peak_lowering_hints
 from qlora.data import IGNORE
 from qlora.debug import BreakAt, Phase
-from qlora.distributed import (World, any_rank, barrier, gather_to_main, share, sum_over_ranks, sync_gradients,
-                               unwrap)
+from qlora.distributed import (World, any_rank, barrier, clip_grad_norm, gather_to_main, share, sum_over_ranks,
+                               sync_gradients, unwrap)
 from qlora.errors import UserError
 from qlora.logs import MetricsLog
 from qlora.memory import (MemoryMeter, dump_history, format_breakdown, memory_line, start_history,
@@ -131,8 +131,7 @@ def optimizer_step(model: torch.nn.Module, state: TrainingState, max_grad_norm: 
     whether GradScaler skipped the step because a gradient was inf/nan)."""
     scaler = state.scaler
     scaler.unscale_(state.optimizer)  # grads back to true scale, so clipping sees real norms
-    params = [p for p in model.parameters() if p.requires_grad]  # after DDP's all-reduce: the same on every rank
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))  # sync point
+    grad_norm = clip_grad_norm(model, max_grad_norm)  # sync point
     scale_before = scaler.get_scale()
     scaler.step(state.optimizer)  # no-op when unscale_ found inf/nan
     scaler.update()  # halves the scale after a skip, grows it after enough good steps
@@ -293,13 +292,14 @@ def write_record(record: dict[str, Any], metrics: MetricsLog, world: World) -> N
 
 def save_and_wait(model: torch.nn.Module, state: TrainingState, saving: SavePlan, step: int,
                   totals: dict[str, Any], world: World) -> Path:
-    """Rank 0 writes the checkpoint (the adapters and optimizer states are the same on every rank);
-    every rank waits until it is complete."""
+    """Rank 0 writes the checkpoint (the adapters and optimizer states are the same on every rank,
+    or gathered from every rank's shards); every rank waits until it is complete."""
     check_adapter_finite(model, step)  # never write non-finite weights
+    trained = gather_trained(model, state.optimizer)  # under FSDP a collective: every rank takes part
     path = saving.run_dir / CHECKPOINTS / f"step-{step:08d}"  # where rank 0 puts it
     if saving.writes:
-        path = save_checkpoint(saving.run_dir, step, unwrap(model), state, saving.config, saving.data_fingerprint,
-                               totals, saving.keep_last, world_size=world.size)
+        path = save_checkpoint(saving.run_dir, step, trained, state, saving.config, saving.data_fingerprint, totals,
+                               saving.keep_last, world_size=world.size)
     barrier(world)
     return path
 

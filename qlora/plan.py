@@ -113,22 +113,24 @@ class Choice:
 
 
 EAGER = "the memory estimate does not price eager attention's scores (Gemma-2 measured up to 36% above it)"
+SHARDED = "the memory estimate does not price a sharded model (model.shard) yet"
 
 
 def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budget | None) -> Choice:
     """The fastest candidate within the budget. The config as it is: without a budget, when it sets
-    the planned keys itself, and (auto budget) with eager attention or nothing fitting. A budget
-    given as a number is refused instead: with eager attention, or when nothing fits (the message
-    names the smallest budget that does)."""
+    the planned keys itself, and (auto budget) with eager attention, a sharded model or nothing
+    fitting. A budget given as a number is refused instead: with eager attention or a sharded
+    model, or when nothing fits (the message names the smallest budget that does)."""
     if budget is None:
         return Choice(cfg, [], None)
     if given & set(PLANNED_KEYS):
         return Choice(cfg, [], None, f"the config sets {' and '.join(k for k in PLANNED_KEYS if k in given)} itself")
-    if cfg.model.attn_implementation == "eager":
+    unpriced = EAGER if cfg.model.attn_implementation == "eager" else SHARDED if cfg.model.shard else None
+    if unpriced:
         if budget.automatic:
-            return Choice(cfg, [], None, EAGER)
-        raise UserError(f"train.memory_budget_gib: {EAGER}, so no plan can be trusted; set model.recompute_layers "
-                        f"yourself")
+            return Choice(cfg, [], None, unpriced)
+        raise UserError(f"train.memory_budget_gib: {unpriced}, so no plan can be trusted; set "
+                        f"model.recompute_layers yourself")
     plans = candidates(cfg, hf_config, seq)
     fitting = [p for p in plans if p.peak_bytes <= budget.gib * GIB]
     if fitting:

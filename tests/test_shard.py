@@ -1,0 +1,104 @@
+"""model.shard=true: FSDP over 2 gloo processes on the CPU trains what one unsharded process does,
+its checkpoints resume unsharded and the other way round, evaluate.py reads its adapter, and what
+sharding cannot do is refused in one line."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import evaluate
+import train
+from qlora.checkpoint import list_checkpoints
+from qlora.logs import read_metrics
+from tests.conftest import REFERENCE, TINY_YAML
+from tests.test_distributed import WAIT_S, torchrun
+
+SHARDABLE = ["train.precision=bf16", "train.optimizer=adamw", "model.upcast_non_quantized=false",
+             "train.max_steps=6", "train.save_every=3", "train.max_grad_norm=1e9"]
+"""The tiny reference job as sharding runs it: bf16, torch's AdamW, bf16 norms. Nothing clipped: the
+clip scales every gradient by max_norm / norm, and FSDP's norm (a sum of the shards' squares) rounds
+otherwise in its last bit, which bf16 training grows to a 0.1% gap in 6 steps."""
+CLOSE = 1e-5
+"""Relative gap allowed between sharded and unsharded runs: the same sums in another order. A mean
+instead of a sum of the ranks' gradients would halve the gradient norms."""
+
+
+@pytest.fixture(scope="module")
+def unsharded(reference_run, tmp_path_factory):
+    """The job in one process, unsharded: (run dir, random-init cache)."""
+    _, cache = reference_run
+    out = tmp_path_factory.mktemp("unsharded") / "run"
+    assert train.main(["--config", str(TINY_YAML), *REFERENCE, *SHARDABLE, f"train.output_dir={out}",
+                       f"model.random_init_cache={cache}"]) == 0
+    return out, cache
+
+
+def adapter_gap(run: Path, reference: Path) -> float:
+    a, b = (load_file(d / "final" / "adapter_model.safetensors") for d in (run, reference))
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).norm() / b[k].norm()) for k in b)
+
+
+def sharded(out: Path, cache: Path, *extra: str) -> str:
+    proc = torchrun(out, cache, *SHARDABLE, "model.shard=true", *extra)
+    output = proc.communicate(timeout=WAIT_S)[0]
+    assert proc.returncode == 0, output[-3000:]
+    return output
+
+
+def test_sharded_run_trains_what_one_process_does_and_resumes_either_way(unsharded, tmp_path, capsys):
+    one, cache = unsharded
+    two = tmp_path / "two"
+    sharded(two, cache)
+    losses, norms = ([[line[k] for line in read_metrics(d / "metrics.jsonl")] for d in (two, one)]
+                     for k in ("loss", "grad_norm"))
+    assert losses[0] == pytest.approx(losses[1], rel=CLOSE) and norms[0] == pytest.approx(norms[1], rel=CLOSE)
+    assert adapter_gap(two, one) < CLOSE
+    # the checkpoint holds the gathered optimizer state in the unsharded layout
+    ours, theirs = (torch.load(list_checkpoints(d)[-1] / "optimizer.pt", weights_only=True) for d in (two, one))
+    assert ours["param_groups"] == theirs["param_groups"] and ours["state"].keys() == theirs["state"].keys()
+    assert all(float((ours["state"][i][k] - v).norm() / v.norm()) < CLOSE for i, s in theirs["state"].items() for k, v in s.items())
+    # a sharded checkpoint resumed by one unsharded process ...
+    resumed = tmp_path / "resumed"
+    assert train.main(["--config", str(TINY_YAML), *REFERENCE, *SHARDABLE, f"train.output_dir={resumed}",
+                       f"model.random_init_cache={cache}", "--resume-from", str(list_checkpoints(two)[0])]) == 0
+    assert "resume: allowed change model.shard: True -> False" in capsys.readouterr().out
+    assert adapter_gap(resumed, one) < CLOSE
+    # ... and an unsharded one by two sharded processes
+    again = tmp_path / "again"
+    output = sharded(again, cache, "--resume-from", str(list_checkpoints(one)[0]))
+    assert "resume: allowed change model.shard: False -> True" in output
+    assert adapter_gap(again, one) < CLOSE
+    # evaluate.py reads the sharded run's adapter as any other
+    assert evaluate.main(["--config", str(TINY_YAML), f"model.random_init_cache={cache}", "--adapter",
+                          str(two / "final"), "--out", str(tmp_path / "eval"), "--limit", "4"]) == 0
+
+
+def test_ranks_with_unequal_shares_run_as_many_micro_batches(reference_run, tmp_path):
+    """3 micro-batches a step on 2 ranks: the rank with 1 runs an idle one too, or FSDP's gathers of
+    the second forward would wait for it forever."""
+    _, cache = reference_run
+    uneven = ["train.grad_accum=3", "train.max_steps=3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert train.main(["--config", str(TINY_YAML), *REFERENCE, *SHARDABLE, *uneven, f"train.output_dir={one}",
+                       f"model.random_init_cache={cache}"]) == 0
+    sharded(two, cache, *uneven)
+    losses = [[line["loss"] for line in read_metrics(d / "metrics.jsonl")] for d in (two, one)]
+    assert losses[0] == pytest.approx(losses[1], rel=CLOSE) and adapter_gap(two, one) < CLOSE
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.precision=fp16", "model.shard=true: needs train.precision=bf16"),
+    ("train.optimizer=paged_adamw_8bit", "model.shard=true: needs train.optimizer=adamw"),
+    ("model.upcast_non_quantized=true", "model.shard=true: needs model.upcast_non_quantized=false"),
+    ("model.compile_layers=true", "model.shard=true: needs model.compile_layers=false"),
+    ("", "model.shard=true splits the model over torchrun's processes"),
+])
+def test_what_sharding_cannot_do_is_refused_in_one_line(tmp_path, capsys, override, message):
+    args = ["--config", str(TINY_YAML), *SHARDABLE, "model.shard=true", *filter(None, [override]),
+            f"train.output_dir={tmp_path}", "--dry-run"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
