@@ -100,7 +100,14 @@ def memory_line(device: torch.device) -> str:
 # ---------------------------------------------------------------- start-up breakdown
 
 def tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes of the distinct storages behind `tensors`: views of one storage count it once, and a
+    view whose storage was freed counts nothing (FSDP leaves each 4-bit weight registered as a
+    full-size view into its layer's gathered, then freed, flat weight)."""
+    storages = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -2,6 +2,7 @@
 its checkpoints resume unsharded and the other way round, evaluate.py reads its adapter, and what
 sharding cannot do is refused in one line."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,8 @@ def test_sharded_run_trains_what_one_process_does_and_resumes_either_way(unshard
                      for k in ("loss", "grad_norm"))
     assert losses[0] == pytest.approx(losses[1], rel=CLOSE) and norms[0] == pytest.approx(norms[1], rel=CLOSE)
     assert adapter_gap(two, one) < CLOSE
+    base = [json.loads((d / "memory.json").read_text())["bytes"]["base_weights"] for d in (two, one)]
+    assert base[0] < 0.6 * base[1]  # rank 0 holds half the frozen weights (and all their quantization constants)
     # the checkpoint holds the gathered optimizer state in the unsharded layout
     ours, theirs = (torch.load(list_checkpoints(d)[-1] / "optimizer.pt", weights_only=True) for d in (two, one))
     assert ours["param_groups"] == theirs["param_groups"] and ours["state"].keys() == theirs["state"].keys()
