@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> None:
     # torch, transformers, peft and bitsandbytes load only now
     from qlora import distributed
     from qlora.batching import data_order, total_steps
-    from qlora.checkpoint import data_fingerprint, gather_trained, numbers_config, open_run_dir, save_final
+    from qlora.checkpoint import (data_fingerprint, numbers_config, open_run_dir, peft_layout, save_final,
+                                  trainable_weights)
     from qlora.data import prepare_data
     from qlora.logs import MetricsLog
     from qlora.loop import SavePlan, StepSettings, Watch, fit
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> None:
     # 6. loop
     if args.memory_snapshot and device.type != "cuda":
         print("memory: --memory-snapshot records CUDA allocations; on the CPU nothing is recorded")
-    settings = StepSettings.of(t, args.break_at, world)
+    settings = StepSettings.of(t, args.break_at, world, sharded=cfg.model.shard)
     saving = SavePlan(run_dir=run_dir, every=t.save_every, keep_last=t.keep_last, config=cfg,
                       data_fingerprint=fingerprint, writes=world.is_main)
     metrics = MetricsLog(run_dir / "metrics.jsonl" if world.is_main else None)
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> None:
         metrics.close()
 
     # 7. save
-    adapter = gather_trained(trained, state.optimizer).adapter  # under FSDP a collective: every rank
+    adapter = peft_layout(trainable_weights(trained))  # under FSDP a collective: every rank gathers
     final = None if result.interrupted or not world.is_main else save_final(model, adapter, tokenizer, cfg, run_dir)
     print(summary(args, result, estimate, run_dir, final, world.size))
 

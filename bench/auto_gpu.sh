@@ -10,7 +10,10 @@ D="model.random_init=true model.tokenizer=$TOKENIZER data.source=$DATA train.pro
    train.memory_budget_gib=auto"
 python3 bench/hold_memory.py "$free" > "$OUT/hold.log" 2>&1 &
 holder=$!
-until [ "$(grep -c '^hold:' "$OUT/hold.log")" -ge "$(nvidia-smi -L | wc -l)" ]; do sleep 1; done
+until [ "$(grep -c '^hold:' "$OUT/hold.log")" -ge "$(nvidia-smi -L | wc -l)" ]; do
+  kill -0 $holder 2>/dev/null || { cat "$OUT/hold.log"; exit 1; }  # it died before holding the memory
+  sleep 1
+done
 cat "$OUT/hold.log"
 run() {
   name=$1; shift; s=$(date +%s)

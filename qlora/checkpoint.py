@@ -120,18 +120,25 @@ class Trained:
 def gather_trained(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Trained:
     """The adapters and the optimizer state of `model` (itself, DDP or FSDP). A collective under
     FSDP: every rank calls it; the other layouts copy nothing."""
+    weights = trainable_weights(model)
     if isinstance(model, FSDP):
-        weights = full_adapter(model)
         return Trained(peft_layout(weights), full_optimizer_state(model, optimizer, list(weights)))
-    weights = {name: p.detach() for name, p in unwrap(model).named_parameters() if p.requires_grad}
     return Trained(peft_layout(weights), optimizer.state_dict())
 
 
+def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable (LoRA) weights, full, by their names in the PEFT model, in its parameter order
+    (the order an unsharded optimizer holds them in). A collective under FSDP."""
+    if isinstance(model, FSDP):
+        return full_adapter(model)
+    return {name: p.detach() for name, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
 def peft_layout(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Trainable weights by their names in the PEFT model, keyed as PEFT saves them: without the
-    adapter's name ('...q_proj.lora_A.default.weight' -> '...q_proj.lora_A.weight', peft's
-    get_peft_model_state_dict; a test holds the two equal). peft's own function finds the adapter
-    layers by module name, which FSDP changes."""
+    """Trainable weights by their names in the PEFT model, keyed as PEFT saves LoRA adapters (no
+    bias, no DoRA): without the adapter's name ('...q_proj.lora_A.default.weight' ->
+    '...q_proj.lora_A.weight'; tests/test_checkpoint.py holds it equal to peft's
+    get_peft_model_state_dict, which finds the adapter layers by module name, and FSDP changes those)."""
     return {name.replace(f".{ADAPTER_NAME}.", "."): w for name, w in weights.items()}
 
 
@@ -140,7 +147,7 @@ def save_final(model: Any, adapter: dict[str, torch.Tensor], tokenizer: Any, cfg
     PeftModel.from_pretrained reads), the tokenizer, and the config that produced them."""
     final = run_dir / "final"
     final.mkdir(parents=True, exist_ok=True)
-    save_file(adapter, final / ADAPTER)
+    save_file(adapter, final / ADAPTER, metadata={"format": "pt"})  # as peft writes it
     config = copy.deepcopy(model.peft_config[ADAPTER_NAME])
     config.inference_mode = True  # as peft's save_pretrained writes it
     config.save_pretrained(final)
@@ -291,7 +298,8 @@ class Start:
         if ckpt is None:
             return
         if isinstance(model, FSDP):  # the optimizer holds flat shards: load by name, then shard
-            load_optimizer_state(model, state.optimizer, ckpt.optimizer, list(full_adapter(model)))
+            # (the names come with a gather of the adapters: small, once a run)
+            load_optimizer_state(model, state.optimizer, ckpt.optimizer, list(trainable_weights(model)))
         else:
             state.optimizer.load_state_dict(ckpt.optimizer)
         repage_optimizer_state(state.optimizer)

@@ -17,9 +17,9 @@ With model.shard=true FSDP replaces DDP, each rank holding 1/N of the model (qlo
 from __future__ import annotations
 
 import atexit
-from collections import Counter
 import inspect
 import os
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, ContextManager
@@ -136,12 +136,12 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
-def share(batches: list[dict[str, Any]], world: World) -> list[dict[str, Any]]:
+def share(batches: list[dict[str, Any]], world: World, even: bool = False) -> list[dict[str, Any]]:
     """This rank's micro-batches of a step: whole micro-batches, longest first to the rank with the
-    fewest tokens so far, in their original order. Every rank runs as many as the busiest rank, the
-    missing ones `idle_batch()`: under FSDP every forward and backward gathers weights from all
-    ranks, so a rank with fewer would leave the others waiting forever (DDP all-reduces once per
-    step and needs no padding; it costs it a forward and backward of 2 tokens)."""
+    fewest tokens so far, in their original order. A rank left without one gets `idle_batch()`.
+    `even` (sharded models): every rank runs as many as the busiest rank, padded with idle batches,
+    since under FSDP every forward and backward gathers weights from all ranks, and a rank with
+    fewer would leave the others waiting forever (DDP all-reduces once per step)."""
     if world.size == 1:
         return batches
     load, owner = [0] * world.size, {}
@@ -149,8 +149,8 @@ def share(batches: list[dict[str, Any]], world: World) -> list[dict[str, Any]]:
         rank = min(range(world.size), key=lambda r: (load[r], r))
         owner[i], load[rank] = rank, load[rank] + batches[i]["n_tokens"]
     mine = [b for i, b in enumerate(batches) if owner[i] == world.rank]
-    busiest = max(Counter(owner.values()).values())
-    return mine + [idle_batch() for _ in range(busiest - len(mine))]
+    runs = max(Counter(owner.values()).values()) if even else 1
+    return mine + [idle_batch() for _ in range(runs - len(mine))]
 
 
 def split_hint(packing: bool, rows_multiple: int, world: World) -> str | None:
@@ -164,8 +164,8 @@ def split_hint(packing: bool, rows_multiple: int, world: World) -> str | None:
 
 
 def idle_batch() -> dict[str, Any]:
-    """Two tokens with one label, weighted 0 by the loop: a rank with no rows still runs one
-    forward and backward, so it joins the gradient all-reduce with zeros."""
+    """Two tokens with one label, weighted 0 by the loop: a rank with no rows (or, sharded, fewer
+    than the others) still runs a forward and backward, joining the collectives with zeros."""
     return {"input_ids": torch.zeros((1, 2), dtype=torch.long), "labels": torch.tensor([[IGNORE, 0]]),
             "attention_mask": torch.ones((1, 2), dtype=torch.long), "n_tokens": 0, "n_supervised": 0,
             "weight": 0.0}

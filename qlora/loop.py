@@ -60,11 +60,15 @@ class StepSettings:
     """Where train_step calls breakpoint() (qlora/debug.py)."""
     world: World = World()
     """The processes that share each step (qlora/distributed.py); one by default."""
+    sharded: bool = False
+    """The model is sharded over the ranks (model.shard): each runs as many micro-batches."""
 
     @staticmethod
-    def of(train: TrainConfig, break_at: BreakAt | None = None, world: World = World()) -> "StepSettings":
+    def of(train: TrainConfig, break_at: BreakAt | None = None, world: World = World(),
+           sharded: bool = False) -> "StepSettings":
         return StepSettings(precision=train.precision, max_grad_norm=train.max_grad_norm,
-                            supervised_logits_only=train.supervised_logits_only, break_at=break_at, world=world)
+                            supervised_logits_only=train.supervised_logits_only, break_at=break_at, world=world,
+                            sharded=sharded)
 
     def stops_at(self, step: int, phase: Phase) -> bool:
         return self.break_at == BreakAt(step, phase)
@@ -159,7 +163,8 @@ def train_step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], s
     if settings.stops_at(step, "window"):
         breakpoint()  # --break-at STEP:window
     world, supervised = settings.world, sum(b["n_supervised"] for b in batches)
-    loss_t = accumulate_gradients(model, share(batches, world), state.scaler, settings.precision, device,
+    mine = share(batches, world, even=settings.sharded)
+    loss_t = accumulate_gradients(model, mine, state.scaler, settings.precision, device,
                                   settings.supervised_logits_only, meter, window_tokens=supervised)
     if settings.stops_at(step, "optimizer"):
         breakpoint()  # --break-at STEP:optimizer
@@ -272,7 +277,7 @@ def fit(model: torch.nn.Module, order: DataOrder, state: TrainingState, settings
                 recording = False
             stopping = any_rank(stop.received is not None, world, device)  # a sync point across ranks
             if (saving.every and step % saving.every == 0) or step == total_steps or stopping:
-                checkpoint = save_and_wait(model, state, saving, step, totals, world)
+                checkpoint = save_and_wait(model, state, saving, step, totals, world, device)
             if stopping or step == total_steps:
                 return FitResult(step=step, steps_run=len(speeds), seconds=time.perf_counter() - began,
                                  median_tokens_per_s=statistics.median(speeds), checkpoint=checkpoint,
@@ -291,10 +296,10 @@ def write_record(record: dict[str, Any], metrics: MetricsLog, world: World) -> N
 
 
 def save_and_wait(model: torch.nn.Module, state: TrainingState, saving: SavePlan, step: int,
-                  totals: dict[str, Any], world: World) -> Path:
+                  totals: dict[str, Any], world: World, device: torch.device) -> Path:
     """Rank 0 writes the checkpoint (the adapters and optimizer states are the same on every rank,
     or gathered from every rank's shards); every rank waits until it is complete."""
-    check_adapter_finite(model, step)  # never write non-finite weights
+    check_adapter_finite(model, step, world, device)  # never write non-finite weights
     trained = gather_trained(model, state.optimizer)  # under FSDP a collective: every rank takes part
     path = saving.run_dir / CHECKPOINTS / f"step-{step:08d}"  # where rank 0 puts it
     if saving.writes:
@@ -335,8 +340,11 @@ def timed_step(model: torch.nn.Module, order: DataOrder, state: TrainingState, s
             "mem": meter.step_record()}
 
 
-def check_adapter_finite(model: torch.nn.Module, step: int) -> None:
-    """A sync point, run only before saving."""
-    for name, p in model.named_parameters():
-        if p.requires_grad and not bool(torch.isfinite(p).all()):
-            raise Diverged(f"step {step}: adapter weight {name} is not finite; stopping without saving a checkpoint")
+def check_adapter_finite(model: torch.nn.Module, step: int, world: World, device: torch.device) -> None:
+    """A sync point across ranks, run only before saving: under FSDP each rank sees only its shard
+    of the adapters, and all must stop together."""
+    bad = next((name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())),
+               None)
+    if any_rank(bad is not None, world, device):
+        where = f"adapter weight {bad}" if bad else "an adapter weight on another rank"
+        raise Diverged(f"step {step}: {where} is not finite; stopping without saving a checkpoint")

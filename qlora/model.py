@@ -62,9 +62,10 @@ def load_base_model(cfg: ModelConfig, precision: str, device: torch.device, seed
     path = random_init_weights(cfg, seed, device) if cfg.random_init else cfg.name
     # sharded (qlora/shard.py): the packed 4-bit bytes stored as the compute dtype, so that FSDP
     # flattens them with the layer's other frozen weights
+    storage = compute_dtype if cfg.shard else torch.uint8
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
                                bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=compute_dtype,
-                               bnb_4bit_quant_storage=compute_dtype if cfg.shard else torch.uint8) if quantized else None
+                               bnb_4bit_quant_storage=storage) if quantized else None
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, quantization_config=quant, dtype=compute_dtype, device_map={"": device},

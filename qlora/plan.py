@@ -123,14 +123,14 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
     model, or when nothing fits (the message names the smallest budget that does)."""
     if budget is None:
         return Choice(cfg, [], None)
-    if given & set(PLANNED_KEYS):
-        return Choice(cfg, [], None, f"the config sets {' and '.join(k for k in PLANNED_KEYS if k in given)} itself")
     unpriced = EAGER if cfg.model.attn_implementation == "eager" else SHARDED if cfg.model.shard else None
     if unpriced:
         if budget.automatic:
             return Choice(cfg, [], None, unpriced)
         raise UserError(f"train.memory_budget_gib: {unpriced}, so no plan can be trusted; set "
                         f"model.recompute_layers yourself")
+    if given & set(PLANNED_KEYS):
+        return Choice(cfg, [], None, f"the config sets {' and '.join(k for k in PLANNED_KEYS if k in given)} itself")
     plans = candidates(cfg, hf_config, seq)
     fitting = [p for p in plans if p.peak_bytes <= budget.gib * GIB]
     if fitting:

@@ -57,7 +57,7 @@ def full_adapter(model: FSDP) -> dict[str, torch.Tensor]:
         if not isinstance(unit, FSDP) or not any(p.requires_grad for p in unit.module.parameters(recurse=False)):
             continue
         with FSDP.summon_full_params(unit, recurse=False, writeback=False):
-            for key, p in unit.module.named_parameters(prefix=name.replace(WRAPPED, "")):
+            for key, p in unit.module.named_parameters(prefix=name):
                 weights[key.replace(WRAPPED, "")] = p.detach().cpu().clone()
     return weights
 

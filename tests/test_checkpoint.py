@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 import train
-from qlora.checkpoint import list_checkpoints
+from qlora.checkpoint import list_checkpoints, peft_layout, trainable_weights
 from qlora.logs import read_metrics
 from tests.conftest import FIXTURE, REFERENCE, ROOT, TINY_YAML, assert_same_run
 
@@ -215,3 +216,11 @@ def test_auto_resume_starts_resumes_and_never_replaces_another_run(cache, tmp_pa
     shutil.rmtree(run / "final")
     assert train.main(args(run, cache, *short, "train.lr=0.5", "--auto-resume")) == 2  # another run's folder
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_peft_layout_is_peft_s_own(tiny_model_factory):
+    """The adapter file's keys and tensors, written without peft's get_peft_model_state_dict (which
+    finds adapter layers by module names that FSDP changes), equal what that function gives."""
+    model = tiny_model_factory("fp32", dropout=0.05)
+    ours, peft_s = peft_layout(trainable_weights(model)), get_peft_model_state_dict(model)
+    assert list(ours) == list(peft_s) and all(torch.equal(ours[k], peft_s[k]) for k in peft_s)

@@ -140,13 +140,16 @@ def test_a_dead_worker_stops_the_job_at_once(reference_run, tmp_path):
     assert list_checkpoints(out)  # what was saved stays
 
 
-def test_share_balances_tokens_evens_the_counts_and_an_idle_batch_adds_nothing(tiny_model_factory):
+def test_share_balances_tokens_and_an_idle_batch_adds_nothing(tiny_model_factory):
     batches = [{"n_tokens": n} for n in (50, 10, 40, 30)]
     shares = [share(batches, World(rank=r, size=2)) for r in (0, 1)]
     assert [[b["n_tokens"] for b in s] for s in shares] == [[50, 10], [40, 30]]  # 60 and 70 tokens
     assert share(batches[:1], World(rank=1, size=2))[0]["weight"] == 0  # nothing left for rank 1
-    uneven = [share(batches[:3], World(rank=r, size=2)) for r in (0, 1)]  # 50 | 40, 10: as many micro-batches
-    assert [[(b["n_tokens"], b.get("weight", 1)) for b in s] for s in uneven] == [[(50, 1), (0, 0.0)], [(10, 1), (40, 1)]]
+    # sharded (even): 50 | 10, 40 gives rank 0 an idle micro-batch, so both run two
+    uneven = [[(b["n_tokens"], b.get("weight", 1)) for b in share(batches[:3], World(rank=r, size=2), even=True)]
+              for r in (0, 1)]
+    assert uneven == [[(50, 1), (0, 0.0)], [(10, 1), (40, 1)]]
+    assert len(share(batches[:3], World(rank=0, size=2))) == 1  # DDP: no padding
     model = tiny_model_factory("fp32")
     accumulate_gradients(model, [idle_batch()], torch.amp.GradScaler("cpu", enabled=False), "fp32",
                          torch.device("cpu"), True, MemoryMeter(torch.device("cpu")), window_tokens=7)

@@ -11,7 +11,7 @@ from qlora.errors import UserError
 from qlora.estimate import estimate_for_config
 from qlora.memory import GIB
 from qlora.model import build_model, decoder_layers, read_architecture
-from qlora.plan import EAGER, Budget, auto_budget_gib, candidates, choose, resolve_budget
+from qlora.plan import EAGER, SHARDED, Budget, auto_budget_gib, candidates, choose, resolve_budget
 from tests.conftest import ROOT, TINY_YAML
 
 LLAMA2 = ROOT / "configs" / "llama2-7b-korquad.yaml"
@@ -113,3 +113,8 @@ def test_auto_goes_on_unplanned_where_a_number_is_refused():
     assert eager.chosen is None and eager.config == gemma and eager.reason == EAGER
     with pytest.raises(UserError, match="does not price eager attention"):
         choose(gemma, read_architecture(gemma.model), 2048, set(), Budget(13, automatic=False))
+    sharded = load_config(LLAMA2, ["model.shard=true", "train.optimizer=adamw", "model.compile_layers=false"])
+    given = {"model.recompute_layers"}  # the estimate it would print against the budget does not apply either
+    assert choose(sharded, arch, 2048, given, Budget(13, automatic=True)).reason == SHARDED
+    with pytest.raises(UserError, match="does not price a sharded model"):
+        choose(sharded, arch, 2048, set(), Budget(13, automatic=False))

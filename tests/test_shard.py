@@ -62,7 +62,8 @@ def test_sharded_run_trains_what_one_process_does_and_resumes_either_way(unshard
     # the checkpoint holds the gathered optimizer state in the unsharded layout
     ours, theirs = (torch.load(list_checkpoints(d)[-1] / "optimizer.pt", weights_only=True) for d in (two, one))
     assert ours["param_groups"] == theirs["param_groups"] and ours["state"].keys() == theirs["state"].keys()
-    assert all(float((ours["state"][i][k] - v).norm() / v.norm()) < CLOSE for i, s in theirs["state"].items() for k, v in s.items())
+    assert all(float((ours["state"][i][k] - v).norm() / v.norm()) < CLOSE
+               for i, s in theirs["state"].items() for k, v in s.items())
     # a sharded checkpoint resumed by one unsharded process ...
     resumed = tmp_path / "resumed"
     assert train.main(["--config", str(TINY_YAML), *REFERENCE, *SHARDABLE, f"train.output_dir={resumed}",
