@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> None:
                                   trainable_weights)
     from qlora.data import prepare_data
     from qlora.logs import MetricsLog
+    from qlora.memory import cap_memory
     from qlora.loop import SavePlan, StepSettings, Watch, fit
     from qlora.model import load_tokenizer
     from qlora.optim import build_training_state
@@ -100,6 +101,7 @@ def run(args: argparse.Namespace) -> None:
 
     # one process, or one of torchrun's: its rank and device (rank 0 alone prints and writes files)
     world, device = distributed.init(t.device)
+    cap_memory(device, t.memory_cap_gib)  # before anything is allocated: a large GPU acting as a smaller one
     if args.break_at and world.size > 1:
         raise UserError("--break-at stops one process in the debugger: run train.py without torchrun")
     if cfg.model.shard and world.size == 1:

@@ -151,11 +151,17 @@ class TrainConfig:
     keep_last: int = key(2, "How many checkpoints to keep.", resume_safe=True)
     progress_bar: bool = key(True, "Show the tqdm progress bar (metrics.jsonl is written either way).",
                              resume_safe=True)
+    memory_cap_gib: float | None = key(
+        None, "Cap this process's CUDA memory at this many GiB (torch.cuda.set_per_process_memory_fraction): "
+              "an allocation past it fails as out of memory, so a large GPU acts as a smaller card (24: a 24 GB "
+              "card's budget on an 80 GB one); memory_budget_gib=auto plans within it. CUDA only.",
+        resume_safe=True)
     memory_budget_gib: float | Literal["auto"] | None = key(
         "auto", "Plan for this much peak allocated GPU memory, in GiB: before the model loads, the run picks "
                 "the fastest recompute setting that the memory estimate says fits, and prints it (qlora/plan.py; "
-                "--estimate-memory lists every candidate). auto: this GPU's free memory at start less 8% (at "
-                "least 1 GiB; 1.25 GiB more under torchrun); nothing on a CPU, nor with eager attention. A number "
+                "--estimate-memory lists every candidate). auto: this GPU's free memory at start (or memory_cap_gib, "
+                "if less) less 8% (at least 1 GiB; 1.25 GiB more under torchrun); nothing on a CPU, nor with eager "
+                "attention or model.shard. A number "
                 "for a GPU shared with other work (a 16 GB card holds 14.9 GiB; leave about 2 for the CUDA context "
                 "and the allocator's slack: 13). null: no plan (every layer recomputes). A config that sets "
                 "model.recompute_activations or model.recompute_layers keeps its own.", resume_safe=True)
@@ -399,6 +405,9 @@ def check_values(cfg: Config) -> list[str]:
         (t.save_every >= 0, "train.save_every: must be >= 0"),
         (t.memory_budget_gib in (None, "auto") or t.memory_budget_gib > 0,
          "train.memory_budget_gib: must be > 0, auto or null"),
+        (t.memory_cap_gib is None or t.memory_cap_gib > 0, "train.memory_cap_gib: must be > 0 or null"),
+        (t.memory_cap_gib is None or t.memory_budget_gib in (None, "auto") or t.memory_budget_gib <= t.memory_cap_gib,
+         "train.memory_budget_gib: must not be more than train.memory_cap_gib"),
         (t.keep_last >= 1, "train.keep_last: must be >= 1"),
         (t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
          f"train.device: {t.device!r} is not allowed (allowed: auto, cpu, cuda, cuda:N)"),

@@ -15,6 +15,8 @@ from typing import Any, Iterator
 
 import torch
 
+from qlora.errors import UserError
+
 
 GIB = 1024 ** 3
 PHASES = ("forward", "backward", "optimizer")
@@ -200,3 +202,14 @@ def dump_history(path: Path) -> None:
     """Write the snapshot (a pickle that pytorch.org/memory_viz opens) and stop recording."""
     torch.cuda.memory._dump_snapshot(str(path))
     torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def cap_memory(device: torch.device, gib: float | None) -> None:
+    """Make `gib` GiB the most this process's caching allocator may hold on `device` (None: no cap);
+    set before the model loads. Refused off CUDA, where there is nothing to cap."""
+    if gib is None:
+        return
+    if device.type != "cuda":
+        raise UserError(f"train.memory_cap_gib={gib:g} caps CUDA memory; this run is on the {device.type}")
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total), device)

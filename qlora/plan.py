@@ -59,8 +59,8 @@ def auto_budget_gib(free_bytes: int, ranks: int = 1) -> float:
 
 def resolve_budget(cfg: Config) -> Budget | None:
     """The budget to plan for: the config's number, or with `auto` this process's GPU's free memory
-    less the margin (each torchrun rank plans for its own GPU); None: no plan (null, or `auto`
-    without a GPU)."""
+    (or train.memory_cap_gib, if smaller) less the margin (each torchrun rank plans for its own
+    GPU); None: no plan (null, or `auto` without a GPU)."""
     setting = cfg.train.memory_budget_gib
     if setting != "auto":
         return None if setting is None else Budget(setting, automatic=False)
@@ -68,7 +68,9 @@ def resolve_budget(cfg: Config) -> Budget | None:
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)  # creates this process's CUDA context first: it is not free
-    return Budget(auto_budget_gib(free, int(os.environ.get("WORLD_SIZE", 1))), automatic=True)
+    cap = cfg.train.memory_cap_gib
+    usable = free if cap is None else min(free, int(cap * GIB))  # the cap bounds the allocator, not the context
+    return Budget(auto_budget_gib(usable, int(os.environ.get("WORLD_SIZE", 1))), automatic=True)
 
 
 @dataclass(frozen=True)

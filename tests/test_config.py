@@ -55,6 +55,7 @@ def test_frozen(tmp_path):
     ("model.load_in_4bit=false", "model.load_in_4bit: removed"),
     ("train.memory_budget_gib=lots", "train.memory_budget_gib: expected a number or auto or null, got 'lots'"),
     ("train.memory_budget_gib=-1", "train.memory_budget_gib: must be > 0, auto or null"),
+    ("train.memory_cap_gib=0", "train.memory_cap_gib: must be > 0 or null"),
 ])
 def test_errors_name_the_key_and_what_is_allowed(tmp_path, override, message):
     with pytest.raises(UserError) as e:

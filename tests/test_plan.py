@@ -100,6 +100,8 @@ def test_auto_plans_for_this_ranks_free_gpu_memory_less_a_margin(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert resolve_budget(auto_cfg) == Budget(11.91, automatic=True) and asked == [torch.device("cuda", 1)]  # rank 1 asks its own GPU
+    capped = load_config(LLAMA2, ["train.memory_cap_gib=10"])  # an H200 acting as a smaller card
+    assert resolve_budget(capped) == Budget(auto_budget_gib(10 * GIB, ranks=2), automatic=True)
     assert resolve_budget(load_config(LLAMA2, ["train.memory_budget_gib=null"])) is None
     assert resolve_budget(load_config(LLAMA2, ["train.memory_budget_gib=13"])) == Budget(13, automatic=False)
 
@@ -118,3 +120,11 @@ def test_auto_goes_on_unplanned_where_a_number_is_refused():
     assert choose(sharded, arch, 2048, given, Budget(13, automatic=True)).reason == SHARDED
     with pytest.raises(UserError, match="does not price a sharded model"):
         choose(sharded, arch, 2048, set(), Budget(13, automatic=False))
+
+
+def test_a_memory_cap_is_refused_off_cuda_and_above_it_no_budget(tmp_path, capsys):
+    common = ["--config", str(TINY_YAML), f"train.output_dir={tmp_path}", "--dry-run"]
+    assert train.main([*common, "train.memory_cap_gib=8"]) == 2
+    assert "train.memory_cap_gib=8 caps CUDA memory; this run is on the cpu" in capsys.readouterr().err
+    assert train.main([*common, "train.memory_cap_gib=8", "train.memory_budget_gib=9"]) == 2
+    assert "train.memory_budget_gib: must not be more than train.memory_cap_gib" in capsys.readouterr().err
