@@ -210,7 +210,8 @@ def report_data(args: argparse.Namespace, cfg: Config, data: TokenizedData, toke
     print("\n".join(data.report.lines()), file=sys.stderr if args.json else sys.stdout)  # --json: stdout is JSON
     estimate = None
     if args.estimate_memory:
-        estimate = estimate_for_config(cfg, read_architecture(cfg.model), seq=longest_row(data))
+        ranks = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; the process group forms later
+        estimate = estimate_for_config(cfg, read_architecture(cfg.model), seq=longest_row(data), ranks=ranks)
         print(format_estimate(estimate))
     if args.inspect_data is not None:
         show_examples(data, tokenizer, args.inspect_data, args.json)

@@ -118,7 +118,7 @@ def test_auto_goes_on_unplanned_where_a_number_is_refused():
     sharded = load_config(LLAMA2, ["model.shard=true", "train.optimizer=adamw", "model.compile_layers=false"])
     given = {"model.recompute_layers"}  # the estimate it would print against the budget does not apply either
     assert choose(sharded, arch, 2048, given, Budget(13, automatic=True)).reason == SHARDED
-    with pytest.raises(UserError, match="does not price a sharded model"):
+    with pytest.raises(UserError, match="estimate of a sharded model"):
         choose(sharded, arch, 2048, set(), Budget(13, automatic=False))
 
 
