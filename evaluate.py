@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -151,11 +150,12 @@ def tutorial_report(examples: list[Example], answers: dict[str, tuple[str, str]]
 
 def merge(args: argparse.Namespace, cfg: Config) -> None:
     """The adapter folded into plain weights, saved with the tokenizer into a new or empty folder."""
+    from qlora.distributed import launched_ranks
     from qlora.model import load_tokenizer, merge_adapter
 
     if not args.adapter:
         raise UserError("--merge-to needs --adapter")
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if launched_ranks() > 1:
         raise UserError("--merge-to runs on one process: run evaluate.py without torchrun")
     out: Path = args.merge_to
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -79,8 +79,8 @@ def run(args: argparse.Namespace) -> None:
                                   trainable_weights)
     from qlora.data import prepare_data
     from qlora.logs import MetricsLog
-    from qlora.memory import cap_memory
     from qlora.loop import SavePlan, StepSettings, Watch, fit
+    from qlora.memory import cap_memory
     from qlora.model import load_tokenizer
     from qlora.optim import build_training_state
     from qlora.prompts import build_prompter
@@ -204,14 +204,15 @@ def longest_row(data: TokenizedData) -> int:
 def report_data(args: argparse.Namespace, cfg: Config, data: TokenizedData, tokenizer: Any) -> dict[str, int] | None:
     """The data report; with --estimate-memory the predicted peak (from config.json and the
     longest row: nothing is loaded), which it returns; with --inspect-data the examples."""
+    from qlora.distributed import launched_ranks
     from qlora.estimate import estimate_for_config, format_estimate
     from qlora.model import read_architecture
 
     print("\n".join(data.report.lines()), file=sys.stderr if args.json else sys.stdout)  # --json: stdout is JSON
     estimate = None
     if args.estimate_memory:
-        ranks = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; the process group forms later
-        estimate = estimate_for_config(cfg, read_architecture(cfg.model), seq=longest_row(data), ranks=ranks)
+        estimate = estimate_for_config(cfg, read_architecture(cfg.model), seq=longest_row(data),
+                                       ranks=launched_ranks())
         print(format_estimate(estimate))
     if args.inspect_data is not None:
         show_examples(data, tokenizer, args.inspect_data, args.json)

@@ -47,11 +47,17 @@ class World:
         return self.rank == 0
 
 
+def launched_ranks() -> int:
+    """How many processes torchrun started (WORLD_SIZE; 1 without torchrun), known before the
+    process group forms."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def init(device_name: str) -> tuple[World, torch.device]:
     """The world torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK) and this rank's device; joins
     the process group when there is more than one process. (Non-main ranks print nothing:
     qlora.quiet_other_ranks, called first by train.py and evaluate.py.)"""
-    world = World(rank=int(os.environ.get("RANK", 0)), size=int(os.environ.get("WORLD_SIZE", 1)),
+    world = World(rank=int(os.environ.get("RANK", 0)), size=launched_ranks(),
                   local_rank=int(os.environ.get("LOCAL_RANK", 0)))
     device = local_device(device_name)
     if world.size == 1:
@@ -68,7 +74,7 @@ def local_device(device_name: str) -> torch.device:
     """This process's device, known before the process group forms: under torchrun each rank takes
     cuda:LOCAL_RANK (and cuda:N is refused there)."""
     device = resolve_device(device_name)
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+    if launched_ranks() == 1:
         return device
     if device_name.startswith("cuda:"):
         raise UserError(f"train.device={device_name} under torchrun: each rank takes cuda:LOCAL_RANK; "

@@ -83,12 +83,13 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
       gradients (after the kept layers are freed);
     - logits: fp32 [batch, positions, vocab] plus its gradient, at every position or only at the
       SUPERVISED_POSITIONS share;
-    - sharded over `shards` ranks (model.shard, FSDP): each rank keeps 1/N of the quantized weights,
-      the LoRA weights and the optimizer states, and gathers two decoder layers at a time (one
-      running, the next one's gather in flight); the root unit (embeddings, head, final norm)
-      stays gathered from the first forward to the last backward, and accumulation keeps the
-      adapters' gradients whole until the step's last backward. One GPU point so far: Llama-2-7B
-      on 2 ranks, estimate 3.6% over the measured peak (README, Sharded QLoRA).
+    - sharded over `shards` ranks (model.shard, FSDP): each rank keeps 1/N of the packed 4-bit
+      weights (their absmax lives in quant_state, outside FSDP, whole on every rank), the LoRA
+      weights and the optimizer states, and gathers two decoder layers at a time (one running, the
+      next one's gather in flight); the root unit (embeddings, head, final norm) stays gathered,
+      beside its own shard, from the first forward to the last backward; accumulation keeps the
+      adapters' gradients whole until the step's last backward. One 2-GPU point so far: Llama-2-7B
+      on 2 ranks, estimate 8% over the measured peak (README, Sharded QLoRA).
     """
     per_layer = [MODULE_DIMS[m](shape) for m in MODULE_DIMS]
     linear_params = shape.layers * sum(i * o for i, o in per_layer)
@@ -116,8 +117,10 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
     logits = batch * positions * shape.vocab * (compute_bytes + 4 + 4)
     # dequantizing one weight matrix for the matmul, forward and backward
     dequant = 2 * compute_bytes * max(i * o for i, o in per_layer)
-    if shards > 1:
-        quantized = quantized / shards + 2 * quantized / shape.layers
+    if shards > 1:  # the packed 4-bit bytes are sharded; their absmax (in quant_state, not a parameter) is not
+        packed = linear_params * 0.5
+        quantized = packed / shards + 2 * packed / shape.layers + (quantized - packed)
+        rest *= 1 + 1 / shards  # the root unit gathered, and its own shard beside the gathered copy
     lora = lora_params * (4 / shards + 4)  # the weights' shard, the whole gradient
     optimizer_state = lora_params * state_bytes / shards
     return {"quantized_weights": int(quantized), "embeddings_head_norms": int(rest),

@@ -16,14 +16,13 @@ budget given as a number is refused with eager attention, and `auto` plans nothi
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from qlora.config import Config, peak_lowering_hints
-from qlora.distributed import local_device
+from qlora.distributed import launched_ranks, local_device
 from qlora.errors import UserError
 from qlora.estimate import estimate_for_config
 from qlora.memory import GIB
@@ -61,16 +60,18 @@ def resolve_budget(cfg: Config) -> Budget | None:
     """The budget to plan for: the config's number, or with `auto` this process's GPU's free memory
     (or train.memory_cap_gib, if smaller) less the margin (each torchrun rank plans for its own
     GPU); None: no plan (null, or `auto` without a GPU)."""
-    setting = cfg.train.memory_budget_gib
+    setting, cap = cfg.train.memory_budget_gib, cfg.train.memory_cap_gib
     if setting != "auto":
+        if setting is not None and cap is not None and setting > auto_budget_gib(int(cap * GIB), launched_ranks()):
+            raise UserError(f"train.memory_budget_gib={setting:g} leaves no room under train.memory_cap_gib={cap:g} "
+                            f"for the allocator's slack: at most {auto_budget_gib(int(cap * GIB), launched_ranks()):g}")
         return None if setting is None else Budget(setting, automatic=False)
     device = local_device(cfg.train.device)  # this rank's GPU (cuda:0 would get every rank's context)
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)  # creates this process's CUDA context first: it is not free
-    cap = cfg.train.memory_cap_gib
     usable = free if cap is None else min(free, int(cap * GIB))  # the cap bounds the allocator, not the context
-    return Budget(auto_budget_gib(usable, int(os.environ.get("WORLD_SIZE", 1))), automatic=True)
+    return Budget(auto_budget_gib(usable, launched_ranks()), automatic=True)
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ class Choice:
 
 
 EAGER = "the memory estimate does not price eager attention's scores (Gemma-2 measured up to 36% above it)"
-SHARDED = "the memory estimate of a sharded model (model.shard) has been checked on one GPU run only"
+SHARDED = "the memory estimate of a sharded model (model.shard) has been checked on one 2-GPU run only"
 
 
 def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budget | None) -> Choice:

@@ -2,6 +2,8 @@
 train.memory_budget_gib (a number, or `auto` from the GPU's free memory), explicit values winning,
 and a refusal that names the smallest budget."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ import train
 from qlora.config import given_keys, load_config
 from qlora.errors import UserError
 from qlora.estimate import estimate_for_config
-from qlora.memory import GIB
+from qlora.memory import GIB, cap_memory
 from qlora.model import build_model, decoder_layers, read_architecture
 from qlora.plan import EAGER, SHARDED, Budget, auto_budget_gib, candidates, choose, resolve_budget
 from tests.conftest import ROOT, TINY_YAML
@@ -126,5 +128,14 @@ def test_a_memory_cap_is_refused_off_cuda_and_above_it_no_budget(tmp_path, capsy
     common = ["--config", str(TINY_YAML), f"train.output_dir={tmp_path}", "--dry-run"]
     assert train.main([*common, "train.memory_cap_gib=8"]) == 2
     assert "train.memory_cap_gib=8 caps CUDA memory; this run is on the cpu" in capsys.readouterr().err
-    assert train.main([*common, "train.memory_cap_gib=8", "train.memory_budget_gib=9"]) == 2
-    assert "train.memory_budget_gib: must not be more than train.memory_cap_gib" in capsys.readouterr().err
+    assert train.main([*common, "train.memory_cap_gib=8", "train.memory_budget_gib=7.5"]) == 2
+    assert "leaves no room under train.memory_cap_gib=8 for the allocator's slack: at most 7" in capsys.readouterr().err
+
+
+def test_a_memory_cap_bounds_the_allocator_by_its_share_of_the_gpu(monkeypatch):
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * GIB))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: fractions.append((f, d)))
+    cap_memory(torch.device("cuda", 1), 24)
+    cap_memory(torch.device("cuda", 1), 100)  # more than the GPU has: no cap
+    assert fractions == [(0.3, torch.device("cuda", 1)), (1.0, torch.device("cuda", 1))]
