@@ -116,3 +116,13 @@ def test_the_sharded_estimate_holds_the_gpu_run():
     sharded = estimate_for_config(cfg, arch, 2048, ranks=2)["total"] / GIB
     assert measured <= sharded <= 1.1 * measured
     assert estimate_for_config(cfg, arch, 2048, ranks=1)["total"] / GIB > sharded + 1  # one rank: all of it
+
+
+@pytest.mark.parametrize("name, parameters", [("llama-2-7b", 6_738_415_616), ("llama-2-13b", 13_015_864_320),
+                                              ("llama-2-70b", 68_976_648_192)])
+def test_the_llama2_architectures_have_their_published_sizes(name, parameters):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ROOT / "configs" / "models" / name))
+    assert sum(p.numel() for p in model.parameters()) == parameters
