@@ -121,9 +121,9 @@ def gather_trained(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     """The adapters and the optimizer state of `model` (itself, DDP or FSDP). A collective under
     FSDP: every rank calls it; the other layouts copy nothing."""
     weights = trainable_weights(model)
-    if isinstance(model, FSDP):
-        return Trained(peft_layout(weights), full_optimizer_state(model, optimizer, list(weights)))
-    return Trained(peft_layout(weights), optimizer.state_dict())
+    sharded = isinstance(model, FSDP)
+    return Trained(peft_layout(weights),
+                   full_optimizer_state(model, optimizer, list(weights)) if sharded else optimizer.state_dict())
 
 
 def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

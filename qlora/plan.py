@@ -62,9 +62,10 @@ def resolve_budget(cfg: Config) -> Budget | None:
     GPU); None: no plan (null, or `auto` without a GPU)."""
     setting, cap = cfg.train.memory_budget_gib, cfg.train.memory_cap_gib
     if setting != "auto":
-        if setting is not None and cap is not None and setting > auto_budget_gib(int(cap * GIB), launched_ranks()):
+        most = None if cap is None else auto_budget_gib(int(cap * GIB), launched_ranks())
+        if setting is not None and most is not None and setting > most:
             raise UserError(f"train.memory_budget_gib={setting:g} leaves no room under train.memory_cap_gib={cap:g} "
-                            f"for the allocator's slack: at most {auto_budget_gib(int(cap * GIB), launched_ranks()):g}")
+                            f"for the allocator's slack: at most {most:g}")
         return None if setting is None else Budget(setting, automatic=False)
     device = local_device(cfg.train.device)  # this rank's GPU (cuda:0 would get every rank's context)
     if device.type != "cuda":
