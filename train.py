@@ -160,7 +160,7 @@ def load_model(cfg: Config, device: torch.device, world: World) -> torch.nn.Modu
     from qlora.model import build_model, random_init_weights, trainable_parameters
 
     if cfg.model.random_init and world.local_rank == 0:  # the machine's other ranks read them
-        random_init_weights(cfg.model, cfg.train.seed, device)
+        random_init_weights(cfg.model, cfg.train.precision, cfg.train.seed, device)
     distributed.barrier(world)
     model = build_model(cfg.model, cfg.lora, cfg.train.precision, device, cfg.train.seed)
     trainable, total = trainable_parameters(model)

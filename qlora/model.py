@@ -6,10 +6,6 @@ shape, for offline runs and memory audits."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import os
-import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +20,7 @@ from qlora.attention import register as register_varlen
 from qlora.config import LoraConfig, ModelConfig
 from qlora.errors import UserError
 from qlora.families import refused_levers
+from qlora.random_init import cached_random_model
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -59,24 +56,29 @@ def load_base_model(cfg: ModelConfig, precision: str, device: torch.device, seed
     if refused:
         raise UserError("; ".join(refused))
     prepare_attention(cfg)
-    path = random_init_weights(cfg, seed, device) if cfg.random_init else cfg.name
-    # sharded (qlora/shard.py): the packed 4-bit bytes stored as the compute dtype, so that FSDP
-    # flattens them with the layer's other frozen weights
-    storage = compute_dtype if cfg.shard else torch.uint8
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
-                               bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=compute_dtype,
-                               bnb_4bit_quant_storage=storage) if quantized else None
+    path = random_init_weights(cfg, precision, seed, device, quantized) if cfg.random_init else cfg.name
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=quant, dtype=compute_dtype, device_map={"": device},
-            trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+            path, quantization_config=quant_config(cfg, precision) if quantized else None, dtype=compute_dtype,
+            device_map={"": device}, trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation)
     except OSError as e:
         raise UserError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
 
 
+def quant_config(cfg: ModelConfig, precision: str) -> BitsAndBytesConfig:
+    # sharded (qlora/shard.py): the packed 4-bit bytes stored as the compute dtype, so that FSDP
+    # flattens them with the layer's other frozen weights
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
+                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=DTYPES[precision],
+                              bnb_4bit_quant_storage=DTYPES[precision] if cfg.shard else torch.uint8)
+
+
 def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torch.device,
                 seed: int) -> PeftModel:
-    model = load_base_model(cfg, precision, device, seed)
+    # sharded: the 4-bit model loads into CPU memory and FSDP moves each layer to the GPU as it
+    # shards it, so no GPU ever holds the whole model (37 GB for 70B)
+    model = load_base_model(cfg, precision, torch.device("cpu") if cfg.shard else device, seed)
     # Casts the small non-quantized weights (norms, embeddings, head) to fp32 and turns on
     # recompute; non-reentrant recompute replays dropout with the saved RNG state.
     model = prepare_model_for_kbit_training(
@@ -190,24 +192,12 @@ def read_architecture(cfg: ModelConfig) -> Any:
         raise UserError(f"cannot read the architecture of {arch!r}: {str(e).splitlines()[0]}") from None
 
 
-def random_init_weights(cfg: ModelConfig, seed: int, device: torch.device) -> Path:
-    """Write (once) a random model of the architecture in `cfg.arch or cfg.name` and return its
-    directory. The cache key covers the architecture and the seed."""
-    config = read_architecture(cfg)
-    key = hashlib.sha256(f"{config.to_json_string()}|{seed}".encode()).hexdigest()[:16]
-    out = Path(cfg.random_init_cache) / key
-    if (out / "config.json").is_file():
-        return out
-    tmp = out.with_name(f"{key}.tmp-{socket.gethostname()}-{os.getpid()}")
-    torch.manual_seed(seed)
-    # Initialise on the GPU when there is one: a 7B random init takes minutes on a CPU.
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
-                                                 trust_remote_code=cfg.trust_remote_code)
-    model.save_pretrained(tmp)
-    del model
-    try:
-        tmp.rename(out)  # atomic: a killed run never leaves a half-written cache entry
-    except OSError:  # another machine's rank wrote the same weights first (a shared cache)
-        shutil.rmtree(tmp)
-    return out
+def random_init_weights(cfg: ModelConfig, precision: str, seed: int, device: torch.device,
+                        quantized: bool = True) -> Path:
+    """The folder of random weights for the architecture in `cfg.arch or cfg.name` (written once,
+    one layer at a time: qlora/random_init.py): pre-quantized 4-bit for a sharded 4-bit model, whose
+    size (70B) allows no bf16 copy on disk or in memory per machine; bf16 otherwise. Both forms hold
+    the same weights: the bf16 one quantizes on load to the 4-bit one's bytes."""
+    four_bit = quant_config(cfg, precision) if cfg.shard and quantized else None
+    return cached_random_model(read_architecture(cfg), seed, device, cfg.random_init_cache, four_bit,
+                               cfg.trust_remote_code)

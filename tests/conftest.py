@@ -9,7 +9,8 @@ import pytest
 
 from qlora.config import LoraConfig, ModelConfig
 from qlora.model import build_model
-from qlora.tiny import build_tokenizer, korquad_texts
+from qlora.families import FAMILIES
+from qlora.tiny import build_family, build_tokenizer, korquad_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "configs" / "tiny" / "korquad_tiny.json"
@@ -45,6 +46,13 @@ def tiny_model_factory(tmp_path_factory):
         return build_model(cfg, LoraConfig(dropout=dropout), precision, torch.device("cpu"), seed)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def families(tmp_path_factory):
+    """{family: (model dir, tokenizer dir)}: a toy of each family (qlora/families.py), built once."""
+    root, texts = tmp_path_factory.mktemp("families"), korquad_texts(FIXTURE)
+    return {name: build_family(name, texts, root / name) for name in FAMILIES}
 
 
 REFERENCE = ["lora.r=64", "train.max_steps=12", "train.progress_bar=false"]

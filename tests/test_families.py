@@ -22,7 +22,6 @@ from qlora.families import FAMILIES, refused_levers
 from qlora.loop import micro_batch_loss
 from qlora.model import build_model, load_tokenizer, read_architecture
 from qlora.prompts import build_prompter
-from qlora.tiny import build_family, korquad_texts
 from tests.conftest import DEV_FILE, FIXTURE, REFERENCE, ROOT, TINY_YAML, assert_same_run
 
 TEMPLATE_KWARGS = {"llama3.2": {"date_string": "26 Jul 2024"},  # else today's date is in every prompt
@@ -33,13 +32,6 @@ END_OF_TURN = {"llama3": "<|eot_id|>", "llama3.2": "<|eot_id|>", "qwen2.5": "<|i
 """The toy llama3.2 tokenizer is a base model's (EOS <|end_of_text|>), Gemma's EOS is <eos>: there
 the end of turn can only come from the template."""  # soft-capped attention logits: eager only (qlora/families.py)
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="session")
-def families(tmp_path_factory):
-    """{family: (model dir, tokenizer dir)}, built once."""
-    root, texts = tmp_path_factory.mktemp("families"), korquad_texts(FIXTURE)
-    return {name: build_family(name, texts, root / name) for name in FAMILIES}
 
 
 def prompter_of(families, name, fmt="chat"):
@@ -178,8 +170,8 @@ def test_each_lever_keeps_the_loss_and_gradient_or_is_refused(families, name, tm
         loss, grads = loss_and_grads(families, name, batch, tmp_path, variant_attn, **kwargs)
         what = f"{variant_attn} {kwargs} {'packed' if 'position_ids' in batch else 'padded'}"
         torch.testing.assert_close(loss, reference[0], rtol=1e-5, atol=1e-4, msg=what)
-        for a, b in zip(grads, reference[1]):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=what)
+        for a, b in zip(grads, reference[1]):  # fp32 sums in another order: noise scales with the tensor
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(b.abs().max())), msg=what)
     # bf16 norms, embeddings and head (model.upcast_non_quantized=false): bf16 rounding, no more
     losses = [loss_and_grads(families, name, packed, tmp_path, attn, precision="bf16", upcast_non_quantized=up)[0]
               for up in (True, False)]
