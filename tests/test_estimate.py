@@ -119,7 +119,8 @@ def test_the_sharded_estimate_holds_the_gpu_run():
 
 
 @pytest.mark.parametrize("name, parameters", [("llama-2-7b", 6_738_415_616), ("llama-2-13b", 13_015_864_320),
-                                              ("llama-2-70b", 68_976_648_192)])
+                                              ("llama-2-70b", 68_976_648_192),
+                                              ("codellama-34b", 33_743_970_304)])
 def test_the_llama2_architectures_have_their_published_sizes(name, parameters):
     from transformers import AutoConfig, AutoModelForCausalLM
 
