@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> None:
 
     # torch, transformers, peft and bitsandbytes load only now
     from qlora import distributed
-    from qlora.batching import data_order, total_steps
+    from qlora.batching import data_order, pack_length, total_steps
     from qlora.checkpoint import (data_fingerprint, numbers_config, open_run_dir, peft_layout, save_final,
                                   trainable_weights)
     from qlora.data import prepare_data
@@ -116,6 +116,9 @@ def run(args: argparse.Namespace) -> None:
     start = resume_point(args, cfg, fingerprint, n_steps, device, world.size)
     distributed.check_same(world, "start (step, data fingerprint, config)",
                            (start.step, fingerprint, numbers_config(cfg)))
+    # each rank plans for its own GPU's free memory: shorter rows on one rank would split other rows
+    distributed.check_same(world, "packed row length (the memory plan's: set data.pack_length to the shortest)",
+                           pack_length(cfg.data, t))
     check_break_at(args.break_at, start.step, n_steps)
     if args.dry_run:
         print(f"dry run: steps {start.step + 1}-{n_steps} of {t.batch_size} x {t.grad_accum} examples on "
@@ -173,25 +176,26 @@ def plan_memory(args: argparse.Namespace, cfg: Config, data: TokenizedData) -> C
     a budget (null, or auto on a CPU), or, said, when it sets the planned keys itself, or (auto)
     with eager attention or nothing fitting."""
     from qlora.config import given_keys
+    from qlora.distributed import launched_ranks
     from qlora.estimate import estimate_for_config
     from qlora.memory import GIB, size
     from qlora.model import read_architecture
-    from qlora.plan import EAGER, SHARDED, choose, format_plans, resolve_budget
+    from qlora.plan import EAGER, choose, format_plans, resolve_budget
 
     budget = resolve_budget(cfg)  # with `auto`: this rank's GPU's free memory (none on a CPU)
     if budget is None:
         return cfg
-    architecture, seq = read_architecture(cfg.model), longest_row(data)
-    choice = choose(cfg, architecture, seq, given_keys(args.config, args.overrides), budget)
+    architecture, seq, ranks = read_architecture(cfg.model), longest_row(data), launched_ranks()
+    choice = choose(cfg, architecture, seq, given_keys(args.config, args.overrides), budget, ranks)
     if choice.chosen is not None:
         print(f"memory plan: {choice.chosen.describe()}, estimated peak {size(choice.chosen.peak_bytes).strip()} "
               f"of a {budget.describe()}, {choice.chosen.speed:.2f}x the speed of recomputing every layer")
         if args.estimate_memory:
             print(format_plans(choice.plans, choice.chosen, budget))
-    elif choice.reason in (EAGER, SHARDED):  # an estimate that does not apply says nothing
+    elif choice.reason == EAGER:  # an estimate that does not apply says nothing
         print(f"memory plan: none, {choice.reason}")
     else:
-        peak = estimate_for_config(cfg, architecture, seq)["total"]
+        peak = estimate_for_config(cfg, architecture, seq, ranks)["total"]
         print(f"memory plan: none, {choice.reason}; estimated peak {size(peak).strip()}, "
               f"{'within' if peak <= budget.gib * GIB else 'OVER'} the {budget.describe()}")
     return choice.config

@@ -160,13 +160,15 @@ class TrainConfig:
         resume_safe=True)
     memory_budget_gib: float | Literal["auto"] | None = key(
         "auto", "Plan for this much peak allocated GPU memory, in GiB: before the model loads, the run picks "
-                "the fastest recompute setting that the memory estimate says fits, and prints it (qlora/plan.py; "
+                "the fastest recompute setting that the memory estimate says fits (where none fits the config's "
+                "packed rows: shorter rows; with model.shard, rows only), and prints it (qlora/plan.py; "
                 "--estimate-memory lists every candidate). auto: this GPU's free memory at start (or memory_cap_gib, "
                 "if less) less 8% (at least 1 GiB; 1.25 GiB more under torchrun); nothing on a CPU, nor with eager "
-                "attention or model.shard. A number "
+                "attention. A number "
                 "for a GPU shared with other work (a 16 GB card holds 14.9 GiB; leave about 2 for the CUDA context "
                 "and the allocator's slack: 13). null: no plan (every layer recomputes). A config that sets "
-                "model.recompute_activations or model.recompute_layers keeps its own.", resume_safe=True)
+                "model.recompute_activations or model.recompute_layers keeps its own, and one that sets "
+                "data.pack_length its rows.", resume_safe=True)
 
 
 @dataclass(frozen=True)

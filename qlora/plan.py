@@ -1,16 +1,22 @@
 """The memory plan: the fastest setting the memory estimate says fits `train.memory_budget_gib`
 (a number, or `auto`: the GPU's free memory at start, less a margin), chosen before the model loads.
 
-What it plans today: how many decoder layers recompute their activations (all, the first N, none).
-Recompute changes the speed and the memory, never the gradient, so a plan may change between a run
-and its resume. A config that sets `model.recompute_layers` or `model.recompute_activations` itself
-keeps its value (explicit values win), and the run says how its estimate compares with the budget.
+What it plans: how many decoder layers recompute their activations (all, the first N, none), and,
+only where nothing fits the config's packed rows, shorter rows (halves of the config's row length,
+down to data.max_length; the same examples a step). Neither changes the gradient (shorter rows
+change how a step's examples are grouped into rows, not which examples), so a plan may change
+between a run and its resume. A config that sets `model.recompute_layers` or
+`model.recompute_activations` itself keeps its value, and one that sets `data.pack_length` keeps its
+rows (explicit values win). A sharded model (model.shard) plans rows only, every layer recomputed:
+fewer recomputed layers under FSDP have not been measured.
 
 Speed model: a step with every layer recomputed takes 1 + RECOMPUTE_COST times one with none, each
 recomputed layer a 1/L share of that (fitted on one H100, Llama-2-7B, extractive @2048). The
 estimate behind it is on the safe side, except for eager attention, which it does not price: a
 budget given as a number is refused with eager attention, and `auto` plans nothing there (README,
-"Where the memory goes").
+"Where the memory goes"). Shorter rows are slower per token (each row pays the per-row costs: the
+4-bit weights dequantized, and under sharding gathered, for every micro-batch), by an amount not
+priced here: they are a last resort, the longest that fits chosen.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 
 import torch
 
+from qlora.batching import pack_length
 from qlora.config import Config, peak_lowering_hints
 from qlora.distributed import launched_ranks, local_device
 from qlora.errors import UserError
@@ -32,6 +39,7 @@ RECOMPUTE_COST = 0.505
 3-14, reported in issue 14; the result files were not kept): 16,916 tokens/s with no layer
 recomputed, 11,237 with all 32; the linear share predicts 14,230 for 12 of 32, measured 13,960."""
 PLANNED_KEYS = ("model.recompute_activations", "model.recompute_layers")
+ROWS_KEY = "data.pack_length"
 AUTO_MARGIN, AUTO_MIN_MARGIN_GIB, AUTO_TORCHRUN_GIB = 0.08, 1.0, 1.25
 """`auto` leaves 8% of the free memory (at least 1 GiB) unplanned: the allocator reserves 3% + 0.3 GiB
 over the peak it allocates (H200, bench/results/2026-11-28-session6-h200/), and the rest is room for
@@ -82,27 +90,44 @@ class Plan:
     layers: int
     peak_bytes: int
     """The estimate's peak allocated bytes."""
+    rows: int | None = None
+    """Tokens per packed row where the plan shortens the config's rows (None: the config's)."""
 
     @property
     def speed(self) -> float:
-        """Tokens/s relative to recomputing every layer."""
+        """Tokens/s relative to recomputing every layer (at the same rows)."""
         return (1 + RECOMPUTE_COST) / (1 + RECOMPUTE_COST * self.recomputed / self.layers)
 
     def describe(self) -> str:
-        return f"recompute {self.recomputed} of {self.layers} layers"
+        rows = f", rows of {self.rows} tokens" if self.rows else ""
+        return f"recompute {self.recomputed} of {self.layers} layers{rows}"
 
     def apply(self, cfg: Config) -> Config:
         """model.recompute_layers counts the same layers, with null for all of them."""
         model = dataclasses.replace(cfg.model, recompute_activations=self.recomputed > 0,
                                     recompute_layers=None if self.recomputed in (0, self.layers) else self.recomputed)
-        return dataclasses.replace(cfg, model=model)
+        data = dataclasses.replace(cfg.data, pack_length=self.rows) if self.rows else cfg.data
+        return dataclasses.replace(cfg, model=model, data=data)
 
 
-def candidates(cfg: Config, hf_config: Any, seq: int) -> list[Plan]:
-    """Every recompute count, fastest (none) first, each with the estimate's peak for this config."""
+def row_lengths(cfg: Config, given: set[str]) -> list[int | None]:
+    """The config's rows (None), then halves of them down to data.max_length: with packing on and
+    data.pack_length not set by the config."""
+    if not cfg.data.packing or ROWS_KEY in given:
+        return [None]
+    shorter, rows = [], pack_length(cfg.data, cfg.train) // 2
+    while rows >= cfg.data.max_length:
+        shorter.append(rows)
+        rows //= 2
+    return [None, *shorter]
+
+
+def candidates(cfg: Config, hf_config: Any, seq: int, ranks: int = 1, rows: int | None = None) -> list[Plan]:
+    """Every recompute count (sharded: every layer only), fastest (none) first, each with the
+    estimate's peak for this config on `ranks` processes, at `rows` tokens per packed row."""
     layers = hf_config.num_hidden_layers
-    plans = [Plan(n, layers, 0) for n in range(layers + 1)]
-    return [dataclasses.replace(p, peak_bytes=estimate_for_config(p.apply(cfg), hf_config, seq)["total"])
+    plans = [Plan(n, layers, 0, rows) for n in range(0 if not cfg.model.shard else layers, layers + 1)]
+    return [dataclasses.replace(p, peak_bytes=estimate_for_config(p.apply(cfg), hf_config, seq, ranks)["total"])
             for p in plans]
 
 
@@ -117,34 +142,36 @@ class Choice:
 
 
 EAGER = "the memory estimate does not price eager attention's scores (Gemma-2 measured up to 36% above it)"
-SHARDED = "the memory estimate of a sharded model (model.shard) has been checked on one 2-GPU run only"
 
 
-def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budget | None) -> Choice:
-    """The fastest candidate within the budget. The config as it is: without a budget, when it sets
-    the planned keys itself, and (auto budget) with eager attention, a sharded model or nothing
-    fitting. A budget given as a number is refused instead: with eager attention or a sharded
-    model, or when nothing fits (the message names the smallest budget that does)."""
+def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budget | None,
+           ranks: int = 1) -> Choice:
+    """The fastest candidate within the budget at the longest rows where one fits. The config as it
+    is: without a budget, when it sets the recompute keys itself, and (auto budget) with eager
+    attention or nothing fitting. A budget given as a number is refused instead: with eager
+    attention, or when nothing fits (the message names the smallest budget that does)."""
     if budget is None:
         return Choice(cfg, [], None)
-    unpriced = EAGER if cfg.model.attn_implementation == "eager" else SHARDED if cfg.model.shard else None
-    if unpriced:
+    if cfg.model.attn_implementation == "eager":
         if budget.automatic:
-            return Choice(cfg, [], None, unpriced)
-        raise UserError(f"train.memory_budget_gib: {unpriced}, so no plan can be trusted; set "
+            return Choice(cfg, [], None, EAGER)
+        raise UserError(f"train.memory_budget_gib: {EAGER}, so no plan can be trusted; set "
                         f"model.recompute_layers yourself")
     if given & set(PLANNED_KEYS):
         return Choice(cfg, [], None, f"the config sets {' and '.join(k for k in PLANNED_KEYS if k in given)} itself")
-    plans = candidates(cfg, hf_config, seq)
-    fitting = [p for p in plans if p.peak_bytes <= budget.gib * GIB]
-    if fitting:
-        return Choice(fitting[0].apply(cfg), plans, fitting[0])  # candidates run from the fastest
+    plans, lengths = [], row_lengths(cfg, given)
+    for rows in lengths:
+        plans += candidates(cfg, hf_config, seq, ranks, rows)
+        fitting = [p for p in plans if p.peak_bytes <= budget.gib * GIB]
+        if fitting:
+            return Choice(fitting[0].apply(cfg), plans, fitting[0])  # candidates run from the fastest
     smallest = min(plans, key=lambda p: p.peak_bytes)
     needs = f"the smallest plan ({smallest.describe()}) needs {smallest.peak_bytes / GIB:.2f} GiB"
     if budget.automatic:
         return Choice(cfg, plans, None, f"nothing fits the free GPU memory ({needs}); the run may run out of it")
+    planned = (*PLANNED_KEYS, ROWS_KEY) if len(lengths) > 1 else PLANNED_KEYS
     raise UserError(f"train.memory_budget_gib={budget.gib:g}: no plan fits; {needs}. Also lowers the peak: "
-                    f"{peak_lowering_hints(leave_out=PLANNED_KEYS)}")
+                    f"{peak_lowering_hints(leave_out=planned)}")
 
 
 def format_plans(plans: list[Plan], chosen: Plan, budget: Budget) -> str:

@@ -192,11 +192,13 @@ def test_a_long_context_is_cut_inside_the_chat_turn_around_the_answer(families):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*-korquad.yaml")), ids=lambda p: p.stem)
 def test_each_shipped_config_sets_only_levers_its_architecture_allows(path):
     cfg = load_config(path)
-    assert path.stem == "llama2-7b-korquad" or any(cfg.model.name in f.hub for f in FAMILIES.values())
+    assert path.stem.startswith("llama2-") or any(cfg.model.name in f.hub for f in FAMILIES.values())
     architecture = read_architecture(cfg.model)
     assert refused_levers(cfg.model, architecture) == []
-    peak = estimate_for_config(cfg, architecture, cfg.data.max_length)["total"]
-    assert 2**30 < peak < 16 * 2**30  # every one is meant for a 16 GB card
+    if cfg.model.shard:  # 70B: four 24 GB cards, where the plan picks rows of 4,096 tokens (tests/test_plan.py)
+        cfg = load_config(path, ["data.pack_length=4096"])
+    peak = estimate_for_config(cfg, architecture, cfg.data.max_length, ranks=4)["total"]
+    assert 2**30 < peak < (20 if cfg.model.shard else 16) * 2**30  # a 24 GB card, else a 16 GB one
 
 
 def test_the_toy_family_command_builds_what_train_needs(tmp_path, monkeypatch, capsys):

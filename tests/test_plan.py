@@ -13,7 +13,7 @@ from qlora.errors import UserError
 from qlora.estimate import estimate_for_config
 from qlora.memory import GIB, cap_memory
 from qlora.model import build_model, decoder_layers, read_architecture
-from qlora.plan import EAGER, SHARDED, Budget, auto_budget_gib, candidates, choose, resolve_budget
+from qlora.plan import EAGER, Budget, auto_budget_gib, candidates, choose, resolve_budget, row_lengths
 from tests.conftest import ROOT, TINY_YAML
 
 LLAMA2 = ROOT / "configs" / "llama2-7b-korquad.yaml"
@@ -60,8 +60,9 @@ def test_the_planned_layers_are_the_ones_that_recompute(tmp_path):
 
 
 def test_no_plan_fits_names_the_smallest_budget_and_eager_attention_is_not_planned():
-    with pytest.raises(UserError, match=r"no plan fits; the smallest plan \(recompute 32 of 32 layers\) needs [0-9.]+ GiB"
-                                         r"\. Also lowers the peak: model.upcast_non_quantized=false, data.max_length"):
+    with pytest.raises(UserError, match=r"no plan fits; the smallest plan \(recompute 32 of 32 layers, rows of 2048 "
+                                         r"tokens\) needs [0-9.]+ GiB\. Also lowers the peak: "
+                                         r"model.upcast_non_quantized=false, data.max_length"):
         plan_for(2)
     with pytest.raises(UserError, match="does not price eager attention"):
         plan_for(13, path=ROOT / "configs" / "gemma2-9b-korquad.yaml")
@@ -117,11 +118,43 @@ def test_auto_goes_on_unplanned_where_a_number_is_refused():
     assert eager.chosen is None and eager.config == gemma and eager.reason == EAGER
     with pytest.raises(UserError, match="does not price eager attention"):
         choose(gemma, read_architecture(gemma.model), 2048, set(), Budget(13, automatic=False))
-    sharded = load_config(LLAMA2, ["model.shard=true", "train.optimizer=adamw", "model.compile_layers=false"])
-    given = {"model.recompute_layers"}  # the estimate it would print against the budget does not apply either
-    assert choose(sharded, arch, 2048, given, Budget(13, automatic=True)).reason == SHARDED
-    with pytest.raises(UserError, match="estimate of a sharded model"):
-        choose(sharded, arch, 2048, set(), Budget(13, automatic=False))
+
+
+def test_a_sharded_70b_on_24_gib_cards_plans_shorter_rows_with_every_layer_recomputed():
+    """configs/llama2-70b-korquad.yaml: what bench/big_gpu.sh set by hand (data.pack_length=4096,
+    measured 18.06-18.25 GiB allocated per rank) is what `auto` plans under a 24 GiB cap on 4 ranks;
+    the config's rows where they fit; a refusal naming the smallest plan (rows of 2,048) where
+    nothing does."""
+    cfg = load_config(ROOT / "configs" / "llama2-70b-korquad.yaml")
+    arch, auto = read_architecture(cfg.model), Budget(auto_budget_gib(24 * GIB, ranks=4), automatic=True)
+    assert row_lengths(cfg, set()) == [None, 4096, 2048]
+    choice = choose(cfg, arch, 2048, set(), auto, ranks=4)
+    assert choice.chosen.rows == 4096 and choice.config.data.pack_length == 4096
+    assert choice.chosen.recomputed == arch.num_hidden_layers and choice.config.model.recompute_activations
+    assert [p.rows for p in choice.plans] == [None, 4096]  # every layer recomputed: one plan per row length
+    assert choice.plans[0].peak_bytes > auto.gib * GIB >= choice.chosen.peak_bytes
+    assert choose(cfg, arch, 2048, set(), Budget(30, automatic=False), ranks=4).chosen.rows is None
+    with pytest.raises(UserError, match=r"no plan fits; the smallest plan \(recompute 80 of 80 layers, rows of 2048 "
+                                        r"tokens\) needs 15.9"):
+        choose(cfg, arch, 2048, set(), Budget(12, automatic=False), ranks=4)
+    on_two = choose(cfg, arch, 2048, set(), Budget(auto_budget_gib(24 * GIB, ranks=2), automatic=True), ranks=2)
+    assert on_two.chosen is None and "nothing fits the free GPU memory" in on_two.reason  # 70B needs 4 such cards
+
+
+def test_rows_shorten_only_where_no_recompute_setting_fits_and_a_set_row_length_stays():
+    cfg = load_config(LLAMA2)
+    arch = read_architecture(cfg.model)
+    config_rows = candidates(cfg, arch, 2048)
+    budget = min(p.peak_bytes for p in config_rows) / GIB - 0.01  # just under every layer recomputed
+    choice = choose(cfg, arch, 2048, set(), Budget(budget, automatic=False))
+    assert choice.chosen.rows == 4096 and choice.config.data.pack_length == 4096
+    shorter = [p for p in choice.plans if p.rows == 4096]
+    assert choice.chosen == next(p for p in shorter if p.peak_bytes <= budget * GIB)  # the fastest there
+    assert choice.chosen.recomputed < arch.num_hidden_layers  # shorter rows leave room to recompute fewer
+    given = {"data.pack_length"}
+    assert row_lengths(cfg, given) == [None]
+    with pytest.raises(UserError, match="no plan fits"):
+        choose(cfg, arch, 2048, given, Budget(budget, automatic=False))
 
 
 def test_a_memory_cap_is_refused_off_cuda_and_above_it_no_budget(tmp_path, capsys):
