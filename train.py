@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> None:
     prompter = build_prompter(tokenizer, cfg.data.format, cfg.data.chat_template_kwargs)
     data = prepare_data(cfg.data, prompter, t.seed)
     if args.inspect_data is None:  # a data-only command plans nothing
-        cfg = plan_memory(args, cfg, data)  # with train.memory_budget_gib: the fastest recompute that fits
+        cfg = plan_memory(args, cfg, data)  # with train.memory_budget_gib: the fastest recompute (and rows) that fits
     estimate = report_data(args, cfg, data, tokenizer)
     if args.inspect_data is not None:
         return
@@ -117,8 +117,8 @@ def run(args: argparse.Namespace) -> None:
     distributed.check_same(world, "start (step, data fingerprint, config)",
                            (start.step, fingerprint, numbers_config(cfg)))
     # each rank plans for its own GPU's free memory: shorter rows on one rank would split other rows
-    distributed.check_same(world, "packed row length (the memory plan's: set data.pack_length to the shortest)",
-                           pack_length(cfg.data, t))
+    distributed.check_same(world, "packed row length", pack_length(cfg.data, t),
+                           hint="each rank's memory plan fits its own GPU's free memory: set data.pack_length")
     check_break_at(args.break_at, start.step, n_steps)
     if args.dry_run:
         print(f"dry run: steps {start.step + 1}-{n_steps} of {t.batch_size} x {t.grad_accum} examples on "
@@ -195,7 +195,7 @@ def plan_memory(args: argparse.Namespace, cfg: Config, data: TokenizedData) -> C
     elif choice.reason == EAGER:  # an estimate that does not apply says nothing
         print(f"memory plan: none, {choice.reason}")
     else:
-        peak = estimate_for_config(cfg, architecture, seq, ranks)["total"]
+        peak = estimate_for_config(choice.config, architecture, seq, ranks)["total"]
         print(f"memory plan: none, {choice.reason}; estimated peak {size(peak).strip()}, "
               f"{'within' if peak <= budget.gib * GIB else 'OVER'} the {budget.describe()}")
     return choice.config

@@ -14,7 +14,7 @@ D="model.random_init=true model.tokenizer=$TOKENIZER data.source=$DATA train.pro
    train.memory_budget_gib=null train.memory_cap_gib=$cap train.output_dir=/tmp/big-$arch-$n"
 s=$(date +%s)
 python3 -c "import sys, torch; from qlora.config import load_config; from qlora.model import random_init_weights
-cfg = load_config('$C', sys.argv[1:]); print(random_init_weights(cfg.model, 'bf16', cfg.train.seed, torch.device('cuda')))" $D
+cfg = load_config('$C', sys.argv[1:]); print(random_init_weights(cfg.model, 'bf16', cfg.train.seed, torch.device('cuda')))" $D "$@"
 echo "random 4-bit weights of $arch: $(( $(date +%s) - s )) s"
 s=$(date +%s)
 torchrun --nproc-per-node $n train.py --config $C $D "$@" --estimate-memory --overwrite > "$OUT/$arch-$n.log" 2>&1

@@ -423,8 +423,8 @@ def check_values(cfg: Config) -> list[str]:
          "model.shard=true: needs train.optimizer=adamw (bitsandbytes' 8-bit optimizers keep per-tensor "
          "block states that FSDP cannot shard or gather)"),
         (not m.shard or not m.compile_layers,
-         "model.shard=true: needs model.compile_layers=false (inside FSDP's units torch.compile recompiles "
-         "bitsandbytes' 4-bit weights again and again: 20% slower at 70B on 4 GPUs: README)"),
+         "model.shard=true: needs model.compile_layers=false (compiled layers inside FSDP's units measured "
+         "20% slower at 70B on 4 GPUs: README)"),
         (not m.shard or not m.upcast_non_quantized,
          "model.shard=true: needs model.upcast_non_quantized=false (an FSDP unit flattens its frozen weights "
          "into one bf16 tensor)"),

@@ -202,7 +202,10 @@ def gather_to_main(value: Any, world: World) -> list[Any] | None:
     return out
 
 
-def check_same(world: World, what: str, value: Any) -> None:
+SAME_FILES = "is train.output_dir one shared folder, and are the data and config the same on every machine?"
+
+
+def check_same(world: World, what: str, value: Any, hint: str = SAME_FILES) -> None:
     """Refuse to go on when the ranks disagree on `value` (e.g. a rank that sees another
     checkpoint or other data: its gradients would be summed with the others' silently)."""
     values = [value] * world.size
@@ -210,9 +213,7 @@ def check_same(world: World, what: str, value: Any) -> None:
         dist.all_gather_object(values, value)
     differ = [r for r, v in enumerate(values) if v != values[0]]
     if differ:
-        raise UserError(f"the ranks do not agree on the {what}: rank {differ[0]} differs from rank 0 (is "
-                        f"train.output_dir one shared folder, and are the data and config the same on every "
-                        f"machine?)")
+        raise UserError(f"the ranks do not agree on the {what}: rank {differ[0]} differs from rank 0 ({hint})")
 
 
 def barrier(world: World) -> None:

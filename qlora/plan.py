@@ -3,12 +3,14 @@
 
 What it plans: how many decoder layers recompute their activations (all, the first N, none), and,
 only where nothing fits the config's packed rows, shorter rows (halves of the config's row length,
-down to data.max_length; the same examples a step). Neither changes the gradient (shorter rows
-change how a step's examples are grouped into rows, not which examples), so a plan may change
-between a run and its resume. A config that sets `model.recompute_layers` or
-`model.recompute_activations` itself keeps its value, and one that sets `data.pack_length` keeps its
-rows (explicit values win). A sharded model (model.shard) plans rows only, every layer recomputed:
-fewer recomputed layers under FSDP have not been measured.
+down to data.max_length). Recompute never changes the gradient. Shorter rows group the same
+examples a step into more rows: the same step, up to floating-point order and the LoRA dropout
+masks, which are drawn per row. Both may change between a run and its resume (a resume that plans
+other rows is then not bit for bit the unbroken run). A config that sets `model.recompute_layers`
+or `model.recompute_activations` itself keeps its value (rows still shortened where they do not
+fit), and one that sets `data.pack_length` keeps its rows (explicit values win). A sharded model
+(model.shard) plans rows only, every layer recomputed: fewer recomputed layers under FSDP have not
+been measured.
 
 Speed model: a step with every layer recomputed takes 1 + RECOMPUTE_COST times one with none, each
 recomputed layer a 1/L share of that (fitted on one H100, Llama-2-7B, extractive @2048). The
@@ -99,7 +101,7 @@ class Plan:
         return (1 + RECOMPUTE_COST) / (1 + RECOMPUTE_COST * self.recomputed / self.layers)
 
     def describe(self) -> str:
-        rows = f", rows of {self.rows} tokens" if self.rows else ""
+        rows = f", rows of {self.rows} tokens" if self.rows else ""  # None: the config's rows
         return f"recompute {self.recomputed} of {self.layers} layers{rows}"
 
     def apply(self, cfg: Config) -> Config:
@@ -122,13 +124,24 @@ def row_lengths(cfg: Config, given: set[str]) -> list[int | None]:
     return [None, *shorter]
 
 
-def candidates(cfg: Config, hf_config: Any, seq: int, ranks: int = 1, rows: int | None = None) -> list[Plan]:
-    """Every recompute count (sharded: every layer only), fastest (none) first, each with the
-    estimate's peak for this config on `ranks` processes, at `rows` tokens per packed row."""
+def candidates(cfg: Config, hf_config: Any, seq: int, ranks: int = 1, rows: int | None = None,
+               own_recompute: bool = False) -> list[Plan]:
+    """Every recompute count (sharded: every layer only; `own_recompute`: the config's), fastest
+    (none) first, each with the estimate's peak for this config on `ranks` processes, at `rows`
+    tokens per packed row."""
     layers = hf_config.num_hidden_layers
-    plans = [Plan(n, layers, 0, rows) for n in range(0 if not cfg.model.shard else layers, layers + 1)]
+    counts = [recomputed_layers(cfg, layers)] if own_recompute else \
+        [layers] if cfg.model.shard else range(layers + 1)
+    plans = [Plan(n, layers, 0, rows) for n in counts]
     return [dataclasses.replace(p, peak_bytes=estimate_for_config(p.apply(cfg), hf_config, seq, ranks)["total"])
             for p in plans]
+
+
+def recomputed_layers(cfg: Config, layers: int) -> int:
+    """How many layers the config itself recomputes."""
+    if not cfg.model.recompute_activations:
+        return 0
+    return layers if cfg.model.recompute_layers is None else min(cfg.model.recompute_layers, layers)
 
 
 @dataclass(frozen=True)
@@ -146,10 +159,12 @@ EAGER = "the memory estimate does not price eager attention's scores (Gemma-2 me
 
 def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budget | None,
            ranks: int = 1) -> Choice:
-    """The fastest candidate within the budget at the longest rows where one fits. The config as it
-    is: without a budget, when it sets the recompute keys itself, and (auto budget) with eager
-    attention or nothing fitting. A budget given as a number is refused instead: with eager
-    attention, or when nothing fits (the message names the smallest budget that does)."""
+    """The fastest candidate within the budget at the longest rows where one fits (a config that
+    sets the recompute keys itself: its own recompute, at the longest rows that fit). The config as
+    it is: without a budget, with eager attention (auto budget), and when the config sets the
+    recompute keys and its rows fit or may not change. With an auto budget and nothing fitting, the
+    smallest plan. A budget given as a number is refused instead: with eager attention, or when
+    nothing fits (the message names the smallest budget that does)."""
     if budget is None:
         return Choice(cfg, [], None)
     if cfg.model.attn_implementation == "eager":
@@ -157,18 +172,23 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
             return Choice(cfg, [], None, EAGER)
         raise UserError(f"train.memory_budget_gib: {EAGER}, so no plan can be trusted; set "
                         f"model.recompute_layers yourself")
-    if given & set(PLANNED_KEYS):
-        return Choice(cfg, [], None, f"the config sets {' and '.join(k for k in PLANNED_KEYS if k in given)} itself")
-    plans, lengths = [], row_lengths(cfg, given)
+    fixed, lengths = [k for k in PLANNED_KEYS if k in given], row_lengths(cfg, given)
+    own = f"the config sets {' and '.join(fixed)} itself"
+    if fixed and len(lengths) == 1:
+        return Choice(cfg, [], None, own)
+    plans = []
     for rows in lengths:
-        plans += candidates(cfg, hf_config, seq, ranks, rows)
+        plans += candidates(cfg, hf_config, seq, ranks, rows, own_recompute=bool(fixed))
         fitting = [p for p in plans if p.peak_bytes <= budget.gib * GIB]
+        if fitting and fixed and fitting[0].rows is None:
+            return Choice(cfg, plans, None, own)
         if fitting:
             return Choice(fitting[0].apply(cfg), plans, fitting[0])  # candidates run from the fastest
     smallest = min(plans, key=lambda p: p.peak_bytes)
     needs = f"the smallest plan ({smallest.describe()}) needs {smallest.peak_bytes / GIB:.2f} GiB"
-    if budget.automatic:
-        return Choice(cfg, plans, None, f"nothing fits the free GPU memory ({needs}); the run may run out of it")
+    if budget.automatic:  # the least memory there is; it may still fit (the estimate is on the safe side)
+        return Choice(smallest.apply(cfg), plans, None,
+                      f"nothing fits the free GPU memory ({needs}), so it runs and may run out of memory")
     planned = (*PLANNED_KEYS, ROWS_KEY) if len(lengths) > 1 else PLANNED_KEYS
     raise UserError(f"train.memory_budget_gib={budget.gib:g}: no plan fits; {needs}. Also lowers the peak: "
                     f"{peak_lowering_hints(leave_out=planned)}")
@@ -180,5 +200,5 @@ def format_plans(plans: list[Plan], chosen: Plan, budget: Budget) -> str:
              f"to recomputing every layer:"]
     for p in plans:
         mark = "  <- chosen" if p == chosen else ("" if p.peak_bytes <= budget.gib * GIB else "  (over budget)")
-        lines.append(f"  {p.describe():<28} {p.peak_bytes / GIB:8.3f} GiB  {p.speed:5.2f}x{mark}")
+        lines.append(f"  {p.describe():<50} {p.peak_bytes / GIB:8.3f} GiB  {p.speed:5.2f}x{mark}")
     return "\n".join(lines)

@@ -3,7 +3,7 @@ folder that from_pretrained then reads as it reads a downloaded model.
 
 The model is built on the meta device (shapes, no memory) and materialized one decoder layer at a
 time: initialised by the model's own `_init_weights` under a seed of the layer's own, written, and
-freed. So at most one layer exists at once (1.7 GB of bf16 at 70B, whose whole model is 140 GB),
+freed. So at most one layer exists at once (1.7 GB of bf16 at 70B, whose whole model is 138 GB),
 and the same seed writes the same weights on every run. The weights are written as bf16, or, for
 model.shard, NF4-quantized by bitsandbytes as a pre-quantized 4-bit checkpoint (the layout
 transformers' save_pretrained gives a 4-bit model: 37 GB at 70B), which loads to the very bytes
@@ -27,6 +27,8 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PretrainedCon
 from transformers.integrations import replace_with_bnb_linear
 from transformers.quantizers.base import HfQuantizer
 
+from qlora.errors import UserError
+
 INDEX = "model.safetensors.index.json"
 
 
@@ -40,11 +42,15 @@ def cached_random_model(config: PretrainedConfig, seed: int, device: torch.devic
     if (out / "config.json").is_file():
         return out
     tmp = out.with_name(f"{key}.tmp-{socket.gethostname()}-{os.getpid()}")
-    write_random(config, seed, device, quant, tmp, trust_remote_code)
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed write of an earlier process with this pid
     try:
+        write_random(config, seed, device, quant, tmp, trust_remote_code)
         tmp.rename(out)  # atomic: a killed run never leaves a half-written cache entry
-    except OSError:  # another machine's rank wrote the same weights first (a shared cache)
-        shutil.rmtree(tmp)
+    except OSError:  # another machine's rank wrote the same weights first (a shared cache), or a full disk
+        if not (out / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # up to 37 GB at 70B
     return out
 
 
@@ -59,6 +65,7 @@ def write_random(config: PretrainedConfig, seed: int, device: torch.device, quan
 
     model = meta_model()
     quantized = quantized_linears(meta_model(), quant) if quant is not None else set()
+    encode_4bit = quantize_weight(quant) if quant is not None else cpu_bf16
     tied = set(model.all_tied_weights_keys)  # weights that are another's: saved once, under the other name
     out.mkdir(parents=True)
     index = {}
@@ -71,8 +78,9 @@ def write_random(config: PretrainedConfig, seed: int, device: torch.device, quan
             with torch.no_grad():
                 model._init_weights(module)
             for key, param in module.named_parameters(prefix=name, recurse=False):
-                if key not in tied:  # a 4-bit Linear's bias stays bf16
-                    encode = quantize_weight(quant) if key == f"{name}.weight" and name in quantized else cpu_bf16
+                if key not in tied:
+                    # a 4-bit Linear's weight; its bias and every other parameter stay bf16
+                    encode = encode_4bit if key == f"{name}.weight" and name in quantized else cpu_bf16
                     tensors.update(encode(key, param.detach()))
             module.to("meta")  # frees the layer's memory
         file = f"model-{i + 1:05d}.safetensors"
@@ -99,12 +107,15 @@ def module_groups(model: torch.nn.Module) -> list[list[tuple[str, torch.nn.Modul
     """The modules that own parameters, grouped by decoder layer (the model's `_no_split_modules`),
     the modules outside any layer last."""
     layers = [name for name, m in model.named_modules() if type(m).__name__ in (model._no_split_modules or ())]
+    if not layers:  # one group would be the whole model in memory at once
+        raise UserError(f"model.random_init: {type(model).__name__} names no decoder layer class "
+                        f"(_no_split_modules), so its random weights cannot be written one layer at a time")
     groups: dict[str, list] = {name: [] for name in layers}
     rest = []
     for name, module in model.named_modules():
         if next(module.parameters(recurse=False), None) is None:
             continue
-        owner = next((layer for layer in layers if name.startswith(layer + ".")), None)
+        owner = next((layer for layer in layers if name == layer or name.startswith(layer + ".")), None)
         (groups[owner] if owner is not None else rest).append((name, module))
     return [*groups.values(), rest]
 

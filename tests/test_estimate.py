@@ -109,6 +109,8 @@ SHARDED_RUNS = [  # (log, overrides as bench/shard_gpu.sh or bench/big_gpu.sh ra
     ("2026-11-28-session7-h200x2/shard-sharded.log", [], 2),
     ("2026-11-28-session8-h200x4/big/llama-2-70b-4.log",
      ["model.arch=configs/models/llama-2-70b", "data.pack_length=4096"], 4),
+    ("2026-11-28-session8-h200x4/big-grown/llama-2-70b-4.log",  # +9.8%: the closest to the bound
+     ["model.arch=configs/models/llama-2-70b", "data.pack_length=4096", "data.pack_rows_multiple=4"], 4),
     ("2026-11-28-session8-h200x4/big-grown/llama-2-70b-4-grown.log",
      ["model.arch=configs/models/llama-2-70b", "data.pack_length=4096", "train.grad_accum=16"], 4),
     ("2026-11-28-session8-h200x4/big/codellama-34b-2.log",

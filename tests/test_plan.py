@@ -69,9 +69,13 @@ def test_no_plan_fits_names_the_smallest_budget_and_eager_attention_is_not_plann
 
 
 def test_explicit_recompute_settings_win_and_the_run_says_so(tmp_path, capsys):
-    choice, _ = plan_for(16, "model.recompute_layers=8")
+    choice, _ = plan_for(40, "model.recompute_layers=8")
     assert choice.chosen is None and choice.config.model.recompute_layers == 8
     assert choice.reason == "the config sets model.recompute_layers itself"
+    shorter, _ = plan_for(16, "model.recompute_layers=8")  # its rows do not fit: they shorten, its recompute stays
+    assert shorter.chosen.recomputed == 8 and shorter.config.model.recompute_layers == 8
+    assert shorter.chosen.rows < 8192 and shorter.config.data.pack_length == shorter.chosen.rows
+    assert all(p.recomputed == 8 and p.peak_bytes > 16 * GIB for p in shorter.plans if p != shorter.chosen)
     common = ["--config", str(TINY_YAML), "--dry-run", f"train.output_dir={tmp_path / 'run'}"]
     assert train.main([*common, "train.memory_budget_gib=0.0001", "model.recompute_activations=true"]) == 0
     assert ("memory plan: none, the config sets model.recompute_activations itself; estimated peak"
@@ -87,6 +91,18 @@ def test_train_prints_the_plan_and_the_candidates_and_data_commands_plan_nothing
     assert "no plan fits" in capsys.readouterr().err
     assert train.main([*common, "train.memory_budget_gib=0.0001", "--inspect-data", "1", "--json"]) == 0
     assert capsys.readouterr().out.lstrip().startswith("[")
+
+
+def test_train_plans_shorter_rows_where_its_own_do_not_fit(tmp_path, capsys):
+    """The tiny job packed (rows of 4 x 128 tokens): a budget under every recompute setting of those
+    rows but over one of half of them plans rows of 256, and the run says so."""
+    items = ["data.packing=true", f"train.output_dir={tmp_path / 'run'}"]
+    cfg = load_config(TINY_YAML, items)
+    arch = read_architecture(cfg.model)
+    full, half = candidates(cfg, arch, 128), candidates(cfg, arch, 128, rows=256)
+    budget = (min(p.peak_bytes for p in full) + min(p.peak_bytes for p in half)) / 2 / GIB
+    assert train.main(["--config", str(TINY_YAML), *items, f"train.memory_budget_gib={budget}", "--dry-run"]) == 0
+    assert ", rows of 256 tokens, estimated peak" in capsys.readouterr().out
 
 
 def test_auto_plans_for_this_ranks_free_gpu_memory_less_a_margin(monkeypatch):
@@ -113,19 +129,24 @@ def test_auto_goes_on_unplanned_where_a_number_is_refused():
     cfg, gemma = load_config(LLAMA2), load_config(ROOT / "configs" / "gemma2-9b-korquad.yaml")
     arch = read_architecture(cfg.model)
     nothing = choose(cfg, arch, 2048, set(), Budget(-0.5, automatic=True))  # under 1 GiB was free
-    assert nothing.chosen is None and nothing.config == cfg and "nothing fits the free GPU memory" in nothing.reason
+    assert nothing.chosen is None and "nothing fits the free GPU memory" in nothing.reason
+    assert nothing.config.data.pack_length == 2048 and nothing.config.model.recompute_activations  # the least
     eager = choose(gemma, read_architecture(gemma.model), 2048, set(), Budget(13, automatic=True))
     assert eager.chosen is None and eager.config == gemma and eager.reason == EAGER
     with pytest.raises(UserError, match="does not price eager attention"):
         choose(gemma, read_architecture(gemma.model), 2048, set(), Budget(13, automatic=False))
 
 
-def test_a_sharded_70b_on_24_gib_cards_plans_shorter_rows_with_every_layer_recomputed():
-    """configs/llama2-70b-korquad.yaml: what bench/big_gpu.sh set by hand (data.pack_length=4096,
-    measured 18.06-18.25 GiB allocated per rank) is what `auto` plans under a 24 GiB cap on 4 ranks;
-    the config's rows where they fit; a refusal naming the smallest plan (rows of 2,048) where
-    nothing does."""
-    cfg = load_config(ROOT / "configs" / "llama2-70b-korquad.yaml")
+SHARDED_70B = ["model.shard=true", "train.optimizer=adamw", "model.compile_layers=false",
+               "model.arch=configs/models/llama-2-70b"]
+
+
+def test_a_sharded_70b_capped_at_24_gib_plans_shorter_rows_with_every_layer_recomputed():
+    """The 7B job as Llama-2-70B on 4 ranks: what bench/big_gpu.sh set by hand under
+    train.memory_cap_gib=24 (data.pack_length=4096, measured 17.80-18.25 GiB allocated per rank) is
+    what `auto` plans there; the config's rows where they fit; a refusal naming the smallest plan
+    (rows of 2,048) where nothing does."""
+    cfg = load_config(LLAMA2, SHARDED_70B)
     arch, auto = read_architecture(cfg.model), Budget(auto_budget_gib(24 * GIB, ranks=4), automatic=True)
     assert row_lengths(cfg, set()) == [None, 4096, 2048]
     choice = choose(cfg, arch, 2048, set(), auto, ranks=4)

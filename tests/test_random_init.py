@@ -22,8 +22,12 @@ def model_config(families, name):
 
 
 def load(path, quant):
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
-                                                device_map={"": CPU}, attn_implementation="eager")
+    """The model, after checking that the checkpoint holds every weight it needs and no other."""
+    model, info = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                       device_map={"": CPU}, attn_implementation="eager",
+                                                       output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
