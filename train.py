@@ -158,12 +158,13 @@ def run(args: argparse.Namespace) -> None:
 
 
 def load_model(cfg: Config, device: torch.device, world: World) -> torch.nn.Module:
-    """build_model, after random-init weights (if asked for) are written once per machine."""
+    """build_model, after the weights of ours it reads (random, or a sharded run's pre-quantized
+    copy) are written once per machine."""
     from qlora import distributed
-    from qlora.model import build_model, random_init_weights, trainable_parameters
+    from qlora.model import base_weights, build_model, trainable_parameters
 
-    if cfg.model.random_init and world.local_rank == 0:  # the machine's other ranks read them
-        random_init_weights(cfg.model, cfg.train.precision, cfg.train.seed, device)
+    if world.local_rank == 0:  # on its GPU; the machine's other ranks read them
+        base_weights(cfg.model, cfg.train.precision, cfg.train.seed, device)
     distributed.barrier(world)
     model = build_model(cfg.model, cfg.lora, cfg.train.precision, device, cfg.train.seed)
     trainable, total = trainable_parameters(model)

@@ -49,7 +49,8 @@ class ModelConfig:
     tokenizer: str | None = key(None, "Hub id or local directory of the tokenizer. Default: name.")
     random_init: bool = key(False, "Build random weights at the architecture's real shape (cached on disk) "
                                    "and load them through the same 4-bit path: offline runs, tests, memory audits.")
-    random_init_cache: str = key(".cache/random_init", "Where random_init keeps its weights.", resume_safe=True)
+    random_init_cache: str = key(".cache/random_init", "Where random_init keeps its weights, and a sharded run "
+                                                        "its pre-quantized copy of the model.", resume_safe=True)
     trust_remote_code: bool = key(False, "Let transformers run model code shipped with the checkpoint.")
     quant_type: Literal["nf4", "fp4"] = key("nf4", "4-bit data type of the frozen base weights.")
     double_quant: bool = key(True, "Quantize the 4-bit blocks' scales too (8-bit instead of fp32 absmax).")

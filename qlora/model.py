@@ -1,7 +1,7 @@
 """The model phase: BitsAndBytesConfig -> from_pretrained (4-bit NF4) -> prepare_model_for_kbit_training
 (with activation recompute, a.k.a. gradient checkpointing) -> LoRA adapters (fp32) via peft -> the
-speed and memory levers. Also random_init: a random model of the named architecture at its real
-shape, for offline runs and memory audits."""
+speed and memory levers. The weights it reads come from the hub or a folder, or from
+qlora/weights.py: random ones (model.random_init) or a sharded run's pre-quantized copy."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from qlora.attention import register as register_varlen
 from qlora.config import LoraConfig, ModelConfig
 from qlora.errors import UserError
 from qlora.families import refused_levers
-from qlora.random_init import cached_random_model
+from qlora.weights import cached_4bit_copy, cached_random_model
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -56,7 +56,7 @@ def load_base_model(cfg: ModelConfig, precision: str, device: torch.device, seed
     if refused:
         raise UserError("; ".join(refused))
     prepare_attention(cfg)
-    path = random_init_weights(cfg, precision, seed, device, quantized) if cfg.random_init else cfg.name
+    path = base_weights(cfg, precision, seed, device, quantized)
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, quantization_config=quant_config(cfg, precision) if quantized else None, dtype=compute_dtype,
@@ -192,12 +192,19 @@ def read_architecture(cfg: ModelConfig) -> Any:
         raise UserError(f"cannot read the architecture of {arch!r}: {str(e).splitlines()[0]}") from None
 
 
-def random_init_weights(cfg: ModelConfig, precision: str, seed: int, device: torch.device,
-                        quantized: bool = True) -> Path:
-    """The folder of random weights for the architecture in `cfg.arch or cfg.name` (written once,
-    one layer at a time: qlora/random_init.py): pre-quantized 4-bit for a sharded 4-bit model, whose
-    size (70B) allows no bf16 copy on disk or in memory per machine; bf16 otherwise. Both forms hold
-    the same weights: the bf16 one quantizes on load to the 4-bit one's bytes."""
+def base_weights(cfg: ModelConfig, precision: str, seed: int, device: torch.device,
+                 quantized: bool = True) -> str | Path:
+    """Where from_pretrained reads the base model (qlora/weights.py), written once where it is a
+    folder of ours: random weights (model.random_init) for the architecture in `cfg.arch or
+    cfg.name`; a sharded 4-bit run's weights pre-quantized (every rank maps them instead of
+    quantizing the whole model on its CPU; 70B's bf16 form, 138 GB, is never written); else
+    `cfg.name`. Random bf16 and 4-bit forms hold the same weights: the bf16 one quantizes on load
+    to the 4-bit one's bytes."""
     four_bit = quant_config(cfg, precision) if cfg.shard and quantized else None
-    return cached_random_model(read_architecture(cfg), seed, device, cfg.random_init_cache, four_bit,
-                               cfg.trust_remote_code)
+    if cfg.random_init:
+        return cached_random_model(read_architecture(cfg), seed, device, cfg.random_init_cache, four_bit,
+                                   cfg.trust_remote_code)
+    if four_bit is not None:
+        return cached_4bit_copy(cfg.name, read_architecture(cfg), device, cfg.random_init_cache, four_bit,
+                                cfg.trust_remote_code)
+    return cfg.name

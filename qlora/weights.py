@@ -1,13 +1,18 @@
-"""model.random_init: a random model of an architecture at its real shape, written once into a cache
-folder that from_pretrained then reads as it reads a downloaded model.
+"""Weights written for from_pretrained, one piece at a time, into a cache folder it then reads as it
+reads a downloaded model: a random model (model.random_init), or, for a sharded run (model.shard), a
+real bf16 checkpoint re-written pre-quantized.
 
-The model is built on the meta device (shapes, no memory) and materialized one decoder layer at a
-time: initialised by the model's own `_init_weights` under a seed of the layer's own, written, and
-freed. So at most one layer exists at once (1.7 GB of bf16 at 70B, whose whole model is 138 GB),
-and the same seed writes the same weights on every run. The weights are written as bf16, or, for
-model.shard, NF4-quantized by bitsandbytes as a pre-quantized 4-bit checkpoint (the layout
-transformers' save_pretrained gives a 4-bit model: 37 GB at 70B), which loads to the very bytes
-that quantizing the bf16 form on load gives.
+Random: the model is built on the meta device (shapes, no memory) and materialized one decoder layer
+at a time: initialised by the model's own `_init_weights` under a seed of the layer's own, written,
+and freed. So at most one layer exists at once (1.7 GB of bf16 at 70B, whose whole model is 138 GB),
+and the same seed writes the same weights on every run.
+
+Pre-quantized (a sharded run's 4-bit form): NF4-quantized by bitsandbytes in the layout
+transformers' save_pretrained gives a 4-bit model (37 GB at 70B), which loads to the very bytes that
+quantizing the bf16 form on load gives. A sharded run loads its model on the CPU, every rank the
+whole of it: from a pre-quantized copy each rank maps the files (4.5 GiB resident per rank at 70B),
+where loading bf16 would quantize the whole model on every rank's CPU (37 GB of host memory a rank).
+A real checkpoint is copied one tensor at a time, once per machine, on the GPU.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig
 from transformers.integrations import replace_with_bnb_linear
@@ -38,14 +45,45 @@ def cached_random_model(config: PretrainedConfig, seed: int, device: torch.devic
     the cache does not hold it yet. The key covers the architecture, the seed and the 4-bit format."""
     form = quant.to_json_string() if quant is not None else "bf16"
     key = hashlib.sha256(f"{config.to_json_string()}|{seed}|{form}".encode()).hexdigest()[:16]
-    out = Path(cache) / key
+    return cached(Path(cache) / key, lambda tmp: write_random(config, seed, device, quant, tmp, trust_remote_code))
+
+
+def cached_4bit_copy(source: str, config: PretrainedConfig, device: torch.device, cache: str,
+                     quant: BitsAndBytesConfig, trust_remote_code: bool) -> Path:
+    """The folder of a pre-quantized copy of the bf16 safetensors checkpoint `source` (a local folder,
+    or a hub name: its local snapshot), written if the cache does not hold it yet. The key covers
+    the source's files (path, names, sizes) and the 4-bit format."""
+    if getattr(config, "quantization_config", None) is not None:
+        raise UserError(f"model.shard: {source!r} is quantized already; sharding needs its bf16 weights "
+                        f"(it stores the 4-bit bytes as bf16 itself)")
+    folder = checkpoint_folder(source)
+    files = sorted((p.name, p.stat().st_size) for p in folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"model.shard: {source!r} holds no safetensors files to quantize")
+    key = hashlib.sha256(f"{folder.resolve()}|{files}|{quant.to_json_string()}".encode()).hexdigest()[:16]
+    return cached(Path(cache) / f"4bit-{key}",
+                  lambda tmp: write_4bit_copy(folder, config, device, quant, tmp, trust_remote_code))
+
+
+def checkpoint_folder(source: str) -> Path:
+    if Path(source).is_dir():
+        return Path(source)
+    try:  # from the local cache when offline (qlora/hub.py)
+        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"]))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {source!r}: {str(e).splitlines()[0]}") from None
+
+
+def cached(out: Path, write: Callable[[Path], None]) -> Path:
+    """`out`, written by `write(folder)` unless it holds a model already: into a temporary folder
+    renamed at the end, so a killed run never leaves a half-written cache entry."""
     if (out / "config.json").is_file():
         return out
-    tmp = out.with_name(f"{key}.tmp-{socket.gethostname()}-{os.getpid()}")
+    tmp = out.with_name(f"{out.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # a killed write of an earlier process with this pid
     try:
-        write_random(config, seed, device, quant, tmp, trust_remote_code)
-        tmp.rename(out)  # atomic: a killed run never leaves a half-written cache entry
+        write(tmp)
+        tmp.rename(out)
     except OSError:  # another machine's rank wrote the same weights first (a shared cache), or a full disk
         if not (out / "config.json").is_file():
             raise
@@ -86,6 +124,32 @@ def write_random(config: PretrainedConfig, seed: int, device: torch.device, quan
         file = f"model-{i + 1:05d}.safetensors"
         save_file(tensors, out / file, metadata={"format": "pt"})
         index.update(dict.fromkeys(tensors, file))
+    finish(out, index, config, quant)
+
+
+def write_4bit_copy(source: Path, config: PretrainedConfig, device: torch.device, quant: BitsAndBytesConfig,
+                    out: Path, trust_remote_code: bool) -> None:
+    """Each safetensors file of `source` as a file of `out`, one tensor at a time: the weights of
+    the Linear layers from_pretrained quantizes in NF4 (quantized on `device`), the rest as bf16."""
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, trust_remote_code=trust_remote_code)
+    quantized, encode_4bit = quantized_linears(meta, quant), quantize_weight(quant)
+    out.mkdir(parents=True)
+    index = {}
+    for path in sorted(source.glob("*.safetensors")):
+        tensors = {}
+        with safe_open(path, framework="pt", device="cpu") as f:  # memory-mapped: one tensor read at a time
+            for key in f.keys():
+                module, _, name = key.rpartition(".")
+                encode = encode_4bit if name == "weight" and module in quantized else cpu_bf16
+                tensors.update(encode(key, f.get_tensor(key).to(device)))
+        save_file(tensors, out / path.name, metadata={"format": "pt"})
+        index.update(dict.fromkeys(tensors, path.name))
+    finish(out, index, config, quant)
+
+
+def finish(out: Path, index: dict[str, str], config: PretrainedConfig, quant: BitsAndBytesConfig | None) -> None:
+    """The index of the files written and config.json, with the quantization_config when pre-quantized."""
     (out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": index}, indent=1))
     config = config.__class__.from_dict(config.to_dict())  # a copy: the caller's config stays as it is
     config.dtype = torch.bfloat16

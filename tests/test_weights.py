@@ -1,5 +1,6 @@
-"""model.random_init (qlora/random_init.py): a random model written one layer at a time, as bf16 or as
-a pre-quantized 4-bit checkpoint (sharded runs), the same weights either way and on every run."""
+"""qlora/weights.py: a random model written one layer at a time, as bf16 or as a pre-quantized 4-bit
+checkpoint (sharded runs), the same weights either way and on every run; and a real bf16 checkpoint
+copied pre-quantized for a sharded run, loading to the bytes that quantizing it on load gives."""
 
 import filecmp
 import json
@@ -9,9 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qlora.config import ModelConfig
+from qlora.errors import UserError
 from qlora.families import FAMILIES
-from qlora.model import quant_config, read_architecture
-from qlora.random_init import cached_random_model, module_groups, quantized_linears
+from qlora.model import base_weights, quant_config, read_architecture
+from qlora.weights import cached_4bit_copy, cached_random_model, module_groups, quantized_linears
 from tests.conftest import ROOT
 
 CPU = torch.device("cpu")
@@ -48,6 +50,36 @@ def test_the_4bit_form_loads_to_the_bytes_the_bf16_form_quantizes_to(families, n
     ids = torch.randint(0, arch.vocab_size, (1, 12))
     with torch.no_grad():
         assert torch.equal(four_bit(ids).logits, on_load(ids).logits)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_bf16_checkpoint_copied_4bit_loads_to_the_bytes_quantizing_it_on_load_gives(families, name, tmp_path):
+    """A sharded run of a real checkpoint: save_pretrained's single file (and a sharded index, the
+    random bf16 form), copied pre-quantized one tensor at a time, loads as the checkpoint would."""
+    cfg = model_config(families, name)
+    arch, quant = read_architecture(cfg), quant_config(cfg, "bf16")
+    indexed = cached_random_model(arch, 0, CPU, str(tmp_path / "cache"), None, False)
+    single = tmp_path / "single"
+    load(indexed, None).save_pretrained(single)
+    for source in (single, indexed):
+        copy = cached_4bit_copy(str(source), arch, CPU, str(tmp_path / "copies"), quant, False)
+        ours, theirs = load(copy, quant).state_dict(), load(source, quant).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(as_bytes(ours[k]), as_bytes(theirs[k])) for k in theirs)
+
+
+def test_a_sharded_4bit_run_reads_a_copy_and_every_other_run_the_checkpoint(families, tmp_path):
+    source = cached_random_model(read_architecture(model_config(families, "llama3")), 0, CPU, str(tmp_path), None,
+                                 False)
+    cfg = ModelConfig(name=str(source), shard=True, upcast_non_quantized=False, random_init_cache=str(tmp_path))
+    copy = base_weights(cfg, "bf16", 0, CPU)
+    assert copy != source and copy.parent == tmp_path
+    assert json.loads((copy / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_storage"] == "bfloat16"
+    assert base_weights(cfg, "bf16", 0, CPU, quantized=False) == str(source)  # merging reads the bf16 weights
+    assert base_weights(ModelConfig(name=str(source)), "bf16", 0, CPU) == str(source)
+    with pytest.raises(UserError, match="is quantized already"):
+        base_weights(ModelConfig(name=str(copy), shard=True, upcast_non_quantized=False,
+                                 random_init_cache=str(tmp_path)), "bf16", 0, CPU)
 
 
 def test_the_same_seed_writes_the_same_files_one_per_layer(families, tmp_path):
