@@ -62,6 +62,11 @@ class ModelConfig:
         None, "With recompute_activations, recompute only the first N decoder layers (null: all). A layer "
               "left out keeps its activations and skips the recompute: spare memory bought back as speed.",
         resume_safe=True, lowers_peak="=null (every layer)")
+    recompute_reentrant: bool = key(
+        False, "Recompute with torch.utils.checkpoint's reentrant variant (the older one: recomputes inside "
+               "autograd's backward, and needs inputs that require grad) instead of the non-reentrant one; "
+               "the same gradient (tests/test_loop.py). For comparing the two under FSDP, where bitsandbytes "
+               "reports them behaving differently (bitsandbytes issue 1252).", resume_safe=True)
     compile_layers: bool = key(
         False, "torch.compile each decoder layer (dynamic shapes): fuses the norms, rotary embedding, LoRA "
                "scaling and activation that otherwise run as dozens of memory-bound kernels. The first "

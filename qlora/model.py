@@ -80,10 +80,11 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torc
     # shards it, so no GPU ever holds the whole model (37 GB for 70B)
     model = load_base_model(cfg, precision, torch.device("cpu") if cfg.shard else device, seed)
     # Casts the small non-quantized weights (norms, embeddings, head) to fp32 and turns on
-    # recompute; non-reentrant recompute replays dropout with the saved RNG state.
+    # recompute (either variant replays dropout with the saved RNG state); for reentrant recompute
+    # it also makes the embeddings' output require grad, which that variant needs to backpropagate.
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=cfg.recompute_activations,
-        gradient_checkpointing_kwargs={"use_reentrant": False})
+        gradient_checkpointing_kwargs={"use_reentrant": cfg.recompute_reentrant})
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                               target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same adapter at step 0
@@ -106,7 +107,7 @@ def apply_levers(model: PeftModel, cfg: ModelConfig, precision: str) -> None:
     prepare_attention(cfg)
     model.get_base_model().set_attn_implementation(cfg.attn_implementation)
     if cfg.recompute_activations:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": cfg.recompute_reentrant})
         recompute_first_layers(model, cfg.recompute_layers)
     else:
         model.gradient_checkpointing_disable()

@@ -12,6 +12,7 @@ from qlora.config import TrainConfig
 from qlora.data import IGNORE, Encoded, Example
 from qlora.loop import accumulate_gradients, micro_batch_loss, optimizer_step
 from qlora.memory import MemoryMeter
+from qlora.model import decoder_layers
 from qlora.optim import build_training_state
 
 CPU = torch.device("cpu")
@@ -133,6 +134,22 @@ def test_recomputing_fewer_layers_gives_the_same_gradient(tiny_model_factory):
         model = tiny_model_factory("fp32", recompute_layers=layers)
         flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         assert flags == {None: [True, True], 1: [True, False], 0: [False, False]}[layers]
+        micro_batch_loss(model, batch, "fp32", CPU, True).backward()
+        grads.append(lora_grads(model))
+    for other in grads[1:]:
+        for name in grads[0]:
+            torch.testing.assert_close(other[name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_reentrant_recompute_gives_the_same_gradient_dropout_included(tiny_model_factory):
+    """model.recompute_reentrant: the older checkpoint variant replays the LoRA dropout masks of the
+    forward as the non-reentrant one does; without recompute the masks are the forward's own."""
+    batch = collate(make_rows([30, 17, 22], [5, 3, 8], seed=4), 0)
+    grads = []
+    for kwargs in ({"recompute_layers": 0}, {}, {"reentrant": True}):
+        model = tiny_model_factory("fp32", dropout=0.1, **kwargs)
+        assert decoder_layers(model)[0]._gradient_checkpointing_func.keywords["use_reentrant"] == ("reentrant" in kwargs)
+        torch.manual_seed(2)
         micro_batch_loss(model, batch, "fp32", CPU, True).backward()
         grads.append(lora_grads(model))
     for other in grads[1:]:
