@@ -97,13 +97,8 @@ def write_random(config: PretrainedConfig, seed: int, device: torch.device, quan
     """One safetensors file per decoder layer (and one for the rest: embeddings, final norm, head),
     an index, and config.json (with the quantization_config when pre-quantized). `device` draws the
     numbers: a GPU's generator draws other numbers than a CPU's, as it does for from_config."""
-    def meta_model() -> torch.nn.Module:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, trust_remote_code=trust_remote_code)
-
-    model = meta_model()
-    quantized = quantized_linears(meta_model(), quant) if quant is not None else set()
-    encode_4bit = quantize_weight(quant) if quant is not None else cpu_bf16
+    model = meta_model(config, trust_remote_code)
+    encode = encoder(config, quant, device, trust_remote_code)
     tied = set(model.all_tied_weights_keys)  # weights that are another's: saved once, under the other name
     out.mkdir(parents=True)
     index = {}
@@ -117,35 +112,53 @@ def write_random(config: PretrainedConfig, seed: int, device: torch.device, quan
                 model._init_weights(module)
             for key, param in module.named_parameters(prefix=name, recurse=False):
                 if key not in tied:
-                    # a 4-bit Linear's weight; its bias and every other parameter stay bf16
-                    encode = encode_4bit if key == f"{name}.weight" and name in quantized else cpu_bf16
                     tensors.update(encode(key, param.detach()))
             module.to("meta")  # frees the layer's memory
-        file = f"model-{i + 1:05d}.safetensors"
-        save_file(tensors, out / file, metadata={"format": "pt"})
-        index.update(dict.fromkeys(tensors, file))
+        write_part(out, f"model-{i + 1:05d}.safetensors", tensors, index)
     finish(out, index, config, quant)
 
 
 def write_4bit_copy(source: Path, config: PretrainedConfig, device: torch.device, quant: BitsAndBytesConfig,
                     out: Path, trust_remote_code: bool) -> None:
-    """Each safetensors file of `source` as a file of `out`, one tensor at a time: the weights of
-    the Linear layers from_pretrained quantizes in NF4 (quantized on `device`), the rest as bf16."""
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, trust_remote_code=trust_remote_code)
-    quantized, encode_4bit = quantized_linears(meta, quant), quantize_weight(quant)
+    """Each safetensors file of `source` as a file of `out`, one tensor at a time (quantized on
+    `device`)."""
+    encode = encoder(config, quant, device, trust_remote_code)
     out.mkdir(parents=True)
     index = {}
     for path in sorted(source.glob("*.safetensors")):
         tensors = {}
         with safe_open(path, framework="pt", device="cpu") as f:  # memory-mapped: one tensor read at a time
             for key in f.keys():
-                module, _, name = key.rpartition(".")
-                encode = encode_4bit if name == "weight" and module in quantized else cpu_bf16
-                tensors.update(encode(key, f.get_tensor(key).to(device)))
-        save_file(tensors, out / path.name, metadata={"format": "pt"})
-        index.update(dict.fromkeys(tensors, path.name))
+                tensors.update(encode(key, f.get_tensor(key)))
+        write_part(out, path.name, tensors, index)
     finish(out, index, config, quant)
+
+
+def meta_model(config: PretrainedConfig, trust_remote_code: bool) -> torch.nn.Module:
+    """The model's modules and shapes, no memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, trust_remote_code=trust_remote_code)
+
+
+def encoder(config: PretrainedConfig, quant: BitsAndBytesConfig | None, device: torch.device,
+            trust_remote_code: bool) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """How a checkpoint tensor is written: with `quant`, the weight of a Linear layer that
+    from_pretrained quantizes as NF4 (on `device`), everything else (biases, norms, embeddings, the
+    head) as bf16."""
+    if quant is None:
+        return cpu_bf16
+    quantized, to_4bit = quantized_linears(meta_model(config, trust_remote_code), quant), quantize_weight(quant)
+
+    def encode(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        module, _, name = key.rpartition(".")
+        return to_4bit(key, tensor.to(device)) if name == "weight" and module in quantized else cpu_bf16(key, tensor)
+    return encode
+
+
+def write_part(out: Path, file: str, tensors: dict[str, torch.Tensor], index: dict[str, str]) -> None:
+    """One safetensors file of the checkpoint, its tensors entered in `index`."""
+    save_file(tensors, out / file, metadata={"format": "pt"})
+    index.update(dict.fromkeys(tensors, file))
 
 
 def finish(out: Path, index: dict[str, str], config: PretrainedConfig, quant: BitsAndBytesConfig | None) -> None:
