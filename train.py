@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> None:
         return
 
     # 4. model: 4-bit base + fp32 LoRA adapters, in train mode; on several ranks DDP over the
-    #    adapters, or (model.shard) FSDP over the whole model
+    #    adapters, or (model.shard) FSDP over the 4-bit base
     model = load_model(cfg, device, world)
     start.restore_adapter(model)
     trained = distributed.wrap(model, world, device, sharded=cfg.model.shard)
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> None:
         metrics.close()
 
     # 7. save
-    adapter = peft_layout(trainable_weights(trained))  # under FSDP a collective: every rank gathers
+    adapter = peft_layout(trainable_weights(trained))
     final = None if result.interrupted or not world.is_main else save_final(model, adapter, tokenizer, cfg, run_dir)
     print(summary(args, result, estimate, run_dir, final, world.size))
 

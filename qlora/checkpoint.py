@@ -35,13 +35,12 @@ import yaml
 from peft import set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from qlora.config import Config, resume_safe_keys
 from qlora.distributed import unwrap
 from qlora.errors import UserError
 from qlora.optim import TrainingState
-from qlora.shard import full_adapter, full_optimizer_state, load_optimizer_state
+from qlora.shard import WRAPPED
 
 CHECKPOINTS = "checkpoints"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "memory.json", "memory_snapshot.pickle", CHECKPOINTS, "final")
@@ -110,28 +109,23 @@ def open_run_dir(cfg: Config, start: "Start") -> Path:
 
 @dataclass(frozen=True)
 class Trained:
-    """What training changed, as full tensors (gathered from the shards under FSDP)."""
+    """What training changed."""
     adapter: dict[str, torch.Tensor]
     """The trainable (LoRA) weights in PEFT's saved layout (adapter_model.safetensors)."""
     optimizer: dict[str, Any]
-    """The optimizer's state_dict, in an unsharded run's layout (under FSDP: on rank 0, {} elsewhere)."""
+    """The optimizer's state_dict (the same layout with and without DDP or FSDP)."""
 
 
-def gather_trained(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Trained:
-    """The adapters and the optimizer state of `model` (itself, DDP or FSDP). A collective under
-    FSDP: every rank calls it; the other layouts copy nothing."""
-    weights = trainable_weights(model)
-    sharded = isinstance(model, FSDP)
-    return Trained(peft_layout(weights),
-                   full_optimizer_state(model, optimizer, list(weights)) if sharded else optimizer.state_dict())
+def trained_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Trained:
+    """The adapters and the optimizer state of `model` (itself, DDP or FSDP: in each the adapters
+    and their optimizer state are whole on every rank, so nothing is gathered)."""
+    return Trained(peft_layout(trainable_weights(model)), optimizer.state_dict())
 
 
 def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable (LoRA) weights, full, by their names in the PEFT model, in its parameter order
-    (the order an unsharded optimizer holds them in). A collective under FSDP."""
-    if isinstance(model, FSDP):
-        return full_adapter(model)
-    return {name: p.detach() for name, p in unwrap(model).named_parameters() if p.requires_grad}
+    """The trainable (LoRA) weights by their names in the PEFT model (FSDP's wrapper names taken
+    out), in its parameter order (the order the optimizer holds them in)."""
+    return {name.replace(WRAPPED, ""): p.detach() for name, p in unwrap(model).named_parameters() if p.requires_grad}
 
 
 def peft_layout(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -143,7 +137,7 @@ def peft_layout(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_final(model: Any, adapter: dict[str, torch.Tensor], tokenizer: Any, cfg: Config, run_dir: Path) -> Path:
-    """The adapter (gather_trained's) as safetensors + the PEFT model's adapter_config.json (what
+    """The adapter (trained_state's) as safetensors + the PEFT model's adapter_config.json (what
     PeftModel.from_pretrained reads), the tokenizer, and the config that produced them."""
     final = run_dir / "final"
     final.mkdir(parents=True, exist_ok=True)
@@ -297,11 +291,7 @@ class Start:
         ckpt = self.checkpoint
         if ckpt is None:
             return
-        if isinstance(model, FSDP):  # the optimizer holds flat shards: load by name, then shard
-            # (the names come with a gather of the adapters: small, once a run)
-            load_optimizer_state(model, state.optimizer, ckpt.optimizer, list(trainable_weights(model)))
-        else:
-            state.optimizer.load_state_dict(ckpt.optimizer)
+        state.optimizer.load_state_dict(ckpt.optimizer)
         repage_optimizer_state(state.optimizer)
         state.scheduler.load_state_dict(ckpt.state["scheduler"])
         state.scaler.load_state_dict(ckpt.state["scaler"])

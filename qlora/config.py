@@ -80,9 +80,9 @@ class ModelConfig:
                 "it skips the masked blocks SDPA computes. Training only (bf16/fp16 on a GPU; the CPU runs "
                 "one SDPA call per example); generation uses SDPA.", resume_safe=True)
     shard: bool = key(
-        False, "Under torchrun, shard the 4-bit base and the adapters over the ranks with PyTorch FSDP "
-               "(qlora/shard.py), instead of a whole model per rank: a model too large for one GPU. Needs "
-               "train.precision=bf16, train.optimizer=adamw, upcast_non_quantized=false and compile_layers=false.",
+        False, "Under torchrun, shard the 4-bit base over the ranks with PyTorch FSDP (qlora/shard.py), "
+               "instead of a whole model per rank: a model too large for one GPU. The adapters and their "
+               "optimizer state stay whole on every rank. Needs train.precision=bf16 and upcast_non_quantized=false.",
         resume_safe=True)
     cudnn_attention: bool = key(
         False, "Let SDPA pick cuDNN's attention kernel. Off: on an H200 it spent 12-32 ms of CPU per call "
@@ -425,12 +425,6 @@ def check_values(cfg: Config) -> list[str]:
          "model.attn_implementation=varlen: flash attention needs train.precision bf16 or fp16 on a GPU"),
         (not m.shard or t.precision == "bf16",
          "model.shard=true: needs train.precision=bf16 (FSDP's flat parameters hold the 4-bit weights as bf16)"),
-        (not m.shard or t.optimizer == "adamw",
-         "model.shard=true: needs train.optimizer=adamw (bitsandbytes' 8-bit optimizers keep per-tensor "
-         "block states that FSDP cannot shard or gather)"),
-        (not m.shard or not m.compile_layers,
-         "model.shard=true: needs model.compile_layers=false (compiled layers inside FSDP's units measured "
-         "20% slower at 70B on 4 GPUs: README)"),
         (not m.shard or not m.upcast_non_quantized,
          "model.shard=true: needs model.upcast_non_quantized=false (an FSDP unit flattens its frozen weights "
          "into one bf16 tensor)"),

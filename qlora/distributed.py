@@ -11,7 +11,8 @@ mean). So 1, 2 or 4 processes compute the same gradient, up to the order of floa
 
 Global rank 0 owns the run's files and the printed output; every rank's errors reach stderr.
 One process without torchrun is world size 1: no process group, no DDP, nothing changes.
-With model.shard=true FSDP replaces DDP, each rank holding 1/N of the model (qlora/shard.py).
+With model.shard=true FSDP replaces DDP, each rank holding 1/N of the 4-bit base and the whole
+adapters, whose gradients are summed after the step's last backward (qlora/shard.py).
 """
 
 from __future__ import annotations
@@ -127,18 +128,25 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def sync_gradients(model: torch.nn.Module, last: bool) -> ContextManager[Any]:
-    """Within an accumulation window DDP and FSDP reduce only at the last micro-batch's backward
-    (FSDP keeps the adapters' full gradients until then: a few hundred MB at most)."""
-    return nullcontext() if last or not isinstance(model, (DistributedDataParallel, FSDP)) else model.no_sync()
+    """Within an accumulation window DDP all-reduces only at the last micro-batch's backward."""
+    return nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
+
+
+def sum_adapter_gradients(model: torch.nn.Module) -> None:
+    """Under FSDP (model.shard) the adapters are whole on every rank, outside FSDP: all-reduce SUM
+    of their gradients, once a step after the last backward (DDP did it during that backward;
+    nothing to do on one process)."""
+    if not isinstance(model, FSDP):
+        return
+    works = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.requires_grad]
+    for work in works:
+        work.wait()
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     """Clip the trainable weights' gradients to `max_norm` in total; returns the norm before (a
-    sync point). Under FSDP each rank holds a shard of each gradient: its own clip sums the shards'
-    squares over the ranks."""
-    if isinstance(model, FSDP):
-        return float(model.clip_grad_norm_(max_norm))
-    params = [p for p in model.parameters() if p.requires_grad]  # after DDP's all-reduce: the same on every rank
+    sync point). After the ranks' sum the gradients are the same on every rank."""
+    params = [p for p in model.parameters() if p.requires_grad]
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 

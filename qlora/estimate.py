@@ -84,12 +84,11 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
     - logits: fp32 [batch, positions, vocab] plus its gradient, at every position or only at the
       SUPERVISED_POSITIONS share;
     - sharded over `shards` ranks (model.shard, FSDP): each rank keeps 1/N of the packed 4-bit
-      weights (their absmax lives in quant_state, outside FSDP, whole on every rank), the LoRA
-      weights and the optimizer states, and gathers two decoder layers at a time (one running, the
-      next one's gather in flight); the root unit (embeddings, head, final norm) stays gathered,
-      beside its own shard, from the first forward to the last backward; accumulation keeps the
-      adapters' gradients whole until the step's last backward. One 2-GPU point so far: Llama-2-7B
-      on 2 ranks, estimate 8% over the measured peak (README, Sharded QLoRA).
+      weights (their absmax lives in quant_state, outside FSDP, whole on every rank) and gathers
+      two decoder layers at a time (one running, the next one's gather in flight); the root unit
+      (embeddings, head, final norm) stays gathered, beside its own shard, from the first forward
+      to the last backward; the LoRA weights, their gradients and the optimizer states are whole
+      on every rank (README, Sharded QLoRA, for the runs it was checked on).
     """
     per_layer = [MODULE_DIMS[m](shape) for m in MODULE_DIMS]
     linear_params = shape.layers * sum(i * o for i, o in per_layer)
@@ -121,8 +120,8 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
         packed = linear_params * 0.5
         quantized = packed / shards + 2 * packed / shape.layers + (quantized - packed)
         rest *= 1 + 1 / shards  # the root unit gathered, and its own shard beside the gathered copy
-    lora = lora_params * (4 / shards + 4)  # the weights' shard, the whole gradient
-    optimizer_state = lora_params * state_bytes / shards
+    lora = lora_params * (4 + 4)
+    optimizer_state = lora_params * state_bytes
     return {"quantized_weights": int(quantized), "embeddings_head_norms": int(rest),
             "lora_weights_and_grads": int(lora), "optimizer_state": int(optimizer_state),
             "activations": int(activations), "logits": int(logits), "dequant_workspace": dequant,

@@ -27,12 +27,12 @@ from tqdm import tqdm
 
 from qlora.attention import VARLEN, sequence_bounds
 from qlora.batching import DataOrder
-from qlora.checkpoint import CHECKPOINTS, Start, gather_trained, save_checkpoint
+from qlora.checkpoint import CHECKPOINTS, Start, save_checkpoint, trained_state
 from qlora.config import Config, TrainConfig, peak_lowering_hints
 from qlora.data import IGNORE
 from qlora.debug import BreakAt, Phase
-from qlora.distributed import (World, any_rank, barrier, clip_grad_norm, gather_to_main, share, sum_over_ranks,
-                               sync_gradients, unwrap)
+from qlora.distributed import (World, any_rank, barrier, clip_grad_norm, gather_to_main, share,
+                               sum_adapter_gradients, sum_over_ranks, sync_gradients, unwrap)
 from qlora.errors import UserError
 from qlora.logs import MetricsLog
 from qlora.memory import (MemoryMeter, dump_history, format_breakdown, memory_line, start_history,
@@ -127,6 +127,7 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[dict[str, torch.T
             with meter.phase("backward"):
                 scaler.scale(loss).backward()  # frees this micro-batch's activations
         total += loss.detach()
+    sum_adapter_gradients(model)  # model.shard: the ranks' sum, which DDP makes in the last backward
     return total
 
 
@@ -297,13 +298,12 @@ def write_record(record: dict[str, Any], metrics: MetricsLog, world: World) -> N
 
 def save_and_wait(model: torch.nn.Module, state: TrainingState, saving: SavePlan, step: int,
                   totals: dict[str, Any], world: World, device: torch.device) -> Path:
-    """Rank 0 writes the checkpoint (the adapters and optimizer states are the same on every rank,
-    or gathered from every rank's shards); every rank waits until it is complete."""
+    """Rank 0 writes the checkpoint (the adapters and optimizer states are the same on every rank);
+    every rank waits until it is complete."""
     check_adapter_finite(model, step, world, device)  # never write non-finite weights
-    trained = gather_trained(model, state.optimizer)  # under FSDP a collective: every rank takes part
     path = saving.run_dir / CHECKPOINTS / f"step-{step:08d}"  # where rank 0 puts it
     if saving.writes:
-        path = save_checkpoint(saving.run_dir, step, trained, state, saving.config, saving.data_fingerprint, totals,
+        path = save_checkpoint(saving.run_dir, step, trained_state(model, state.optimizer), state, saving.config, saving.data_fingerprint, totals,
                                saving.keep_last, world_size=world.size)
     barrier(world)
     return path
