@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sharded (model.shard=true, FSDP) against DDP on N GPUs of one machine: the real job's config (random
-# weights; torch's AdamW, as sharding needs; every layer recomputed, no memory plan), STEPS steps each,
+# weights; torch's AdamW; every layer recomputed, no memory plan), STEPS steps each,
 # then the sharded run resumed from its checkpoint at STEPS/2. Prints each run's tokens/s over steps 3-STEPS
 # and peak reserved memory per rank (bench/scaling.py), and the loss gaps (bench/compare_losses.py).
 #   OUT=DIR TOKENIZER=DIR DATA=KorQuAD_v1.0_dev.json bash bench/shard_gpu.sh N STEPS [override ...]

@@ -99,8 +99,8 @@ def finish(world: World) -> None:
 
 
 def wrap(model: torch.nn.Module, world: World, device: torch.device, sharded: bool = False) -> torch.nn.Module:
-    """DDP over the trainable (LoRA) weights when there are several ranks, or FSDP over the whole
-    model with `sharded` (qlora/shard.py); the model itself on one process. Every rank builds the
+    """DDP over the trainable (LoRA) weights when there are several ranks, or FSDP over the 4-bit
+    base with `sharded` (qlora/shard.py); the model itself on one process. Every rank builds the
     same model from the same seed, so nothing is broadcast at the start."""
     if sharded:
         return shard(model, device)
@@ -123,7 +123,7 @@ def sum_gradients(state, bucket):  # no hints: DDP checks them, and this module'
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The PEFT model inside DDP or FSDP (under FSDP its weights are flat shards)."""
+    """The PEFT model inside DDP or FSDP (under FSDP its 4-bit base is this rank's shards)."""
     return model.module if isinstance(model, (DistributedDataParallel, FSDP)) else model
 
 

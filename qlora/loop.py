@@ -39,6 +39,7 @@ from qlora.memory import (MemoryMeter, dump_history, format_breakdown, memory_li
                           startup_breakdown, step_peak_gib, write_breakdown)
 from qlora.model import DTYPES
 from qlora.optim import TrainingState
+from qlora.shard import WRAPPED
 
 
 class Diverged(UserError):
@@ -113,7 +114,7 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[dict[str, torch.T
     (`window_tokens`, all ranks' micro-batches; default: these), so the accumulated gradient equals
     that of one batch holding every row (not a mean of per-batch means, which over-weights tokens of
     short batches: transformers PR 34191). With several ranks DDP sums their gradients at the last
-    micro-batch's backward (qlora/distributed.py)."""
+    micro-batch's backward, or, sharded, `sum_adapter_gradients` after it (qlora/distributed.py)."""
     window_tokens = window_tokens or sum(b["n_supervised"] for b in batches)
     total = torch.zeros((), device=device)
     for i, batch in enumerate(batches):
@@ -303,8 +304,8 @@ def save_and_wait(model: torch.nn.Module, state: TrainingState, saving: SavePlan
     check_adapter_finite(model, step, world, device)  # never write non-finite weights
     path = saving.run_dir / CHECKPOINTS / f"step-{step:08d}"  # where rank 0 puts it
     if saving.writes:
-        path = save_checkpoint(saving.run_dir, step, trained_state(model, state.optimizer), state, saving.config, saving.data_fingerprint, totals,
-                               saving.keep_last, world_size=world.size)
+        path = save_checkpoint(saving.run_dir, step, trained_state(model, state.optimizer), state, saving.config,
+                               saving.data_fingerprint, totals, saving.keep_last, world_size=world.size)
     barrier(world)
     return path
 
@@ -341,10 +342,9 @@ def timed_step(model: torch.nn.Module, order: DataOrder, state: TrainingState, s
 
 
 def check_adapter_finite(model: torch.nn.Module, step: int, world: World, device: torch.device) -> None:
-    """A sync point across ranks, run only before saving: under FSDP each rank sees only its shard
-    of the adapters, and all must stop together."""
-    bad = next((name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())),
-               None)
+    """A sync point across ranks, run only before saving: all ranks must stop together."""
+    bad = next((name.replace(WRAPPED, "") for name, p in model.named_parameters()
+                if p.requires_grad and not bool(torch.isfinite(p).all())), None)
     if any_rank(bad is not None, world, device):
         where = f"adapter weight {bad}" if bad else "an adapter weight on another rank"
         raise Diverged(f"step {step}: {where} is not finite; stopping without saving a checkpoint")

@@ -103,8 +103,8 @@ def memory_line(device: torch.device) -> str:
 
 def tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind `tensors`: views of one storage count it once, and a
-    view whose storage was freed counts nothing (FSDP leaves each 4-bit weight registered as a
-    full-size view into its layer's gathered, then freed, flat weight)."""
+    view whose storage was freed counts nothing (a sharded rank's 4-bit weights are views into its
+    shard of each layer's flat weight, or into the freed gathered one)."""
     storages = {}
     for t in tensors:
         storage = t.untyped_storage()

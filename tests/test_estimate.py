@@ -109,13 +109,18 @@ GROWN_70B = ["model.arch=configs/models/llama-2-70b", "data.pack_length=4096", "
              "train.grad_accum=16"]
 SHARDED_RUNS = [  # (log, overrides as bench/big_gpu.sh ran it, ranks): the adapters whole on every rank
     ("2026-11-28-session9-h200x4/compiled.log", GROWN_70B, 4),
-    ("2026-11-28-session9-h200x4/eager.log", [*GROWN_70B, "model.compile_layers=false"], 4)]
+    ("2026-11-28-session9-h200x4/eager.log", [*GROWN_70B, "model.compile_layers=false"], 4),
+    ("2026-11-28-session9-h200x4/reentrant/reentrant.log",
+     [*GROWN_70B, "model.compile_layers=false", "model.recompute_reentrant=true"], 4),
+    ("2026-11-28-session9-h200x4/cap19.8/card24.log", GROWN_70B, 4),  # configs/llama2-70b-korquad.yaml's settings
+    ("2026-11-28-session9-h200x4/big34b/codellama-34b-2.log",
+     ["model.arch=configs/models/codellama-34b", "data.pack_length=4096", "model.compile_layers=false"], 2)]
 
 
 @pytest.mark.parametrize("log, overrides, ranks", SHARDED_RUNS)
 def test_the_sharded_estimate_holds_the_gpu_runs(log, overrides, ranks):
     """A sharded rank (model.shard) keeps 1/N of the 4-bit weights and gathers two layers at a time:
-    Llama-2-70B on 4 H200s capped at 24 GiB, compiled layers and not: rank 0's measured peak
+    Llama-2-70B on 4 H200s and CodeLlama-34B on 2, capped at 24 GiB or less: rank 0's measured peak
     allocated, between the measured peak and 10% above it."""
     text = (ROOT / "bench" / "results" / log).read_text()
     measured = float(re.search(r"peak allocated ([\d.]+) GiB", text).group(1))
