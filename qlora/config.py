@@ -161,15 +161,17 @@ class TrainConfig:
         None, "Cap what this process's caching allocator may hold on its GPU at this many GiB "
               "(torch.cuda.set_per_process_memory_fraction): an allocation past it fails as out of memory, so a "
               "large GPU acts as a smaller card. The CUDA context (about 0.75 GiB) and NCCL's buffers (about 1.2 "
-              "GiB per rank) come on top: for a 24 GB card (22.3 GiB), about 21.5, or 20.3 under torchrun. "
+              "GiB per rank, 1.8 at 4 ranks) come on top: for a 24 GB card (22.3 GiB), about 21.5, or 20.3 under "
+              "torchrun (19.8 at 4 ranks). "
               "memory_budget_gib=auto plans within it. CUDA only.",
         resume_safe=True)
     memory_budget_gib: float | Literal["auto"] | None = key(
         "auto", "Plan for this much peak allocated GPU memory, in GiB: before the model loads, the run picks "
                 "the fastest recompute setting that the memory estimate says fits (where none fits the config's "
                 "packed rows: shorter rows; with model.shard, rows only), and prints it (qlora/plan.py; "
-                "--estimate-memory lists every candidate). auto: this GPU's free memory at start (or memory_cap_gib, "
-                "if less) less 8% (at least 1 GiB; 1.25 GiB more under torchrun); nothing on a CPU, nor with eager "
+                "--estimate-memory lists every candidate). auto: this GPU's free memory at start less 8% (at least "
+                "1 GiB; 1.25 GiB more under torchrun), and at most memory_cap_gib less 8% (NCCL's buffers are "
+                "outside the cap); nothing on a CPU, nor with eager "
                 "attention. A number "
                 "for a GPU shared with other work (a 16 GB card holds 14.9 GiB; leave about 2 for the CUDA context "
                 "and the allocator's slack: 13). null: no plan (every layer recomputes). A config that sets "

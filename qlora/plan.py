@@ -68,11 +68,12 @@ def auto_budget_gib(free_bytes: int, ranks: int = 1) -> float:
 
 def resolve_budget(cfg: Config) -> Budget | None:
     """The budget to plan for: the config's number, or with `auto` this process's GPU's free memory
-    (or train.memory_cap_gib, if smaller) less the margin (each torchrun rank plans for its own
-    GPU); None: no plan (null, or `auto` without a GPU)."""
+    less the margin (each torchrun rank plans for its own GPU), and no more than
+    train.memory_cap_gib less the allocator's share of it (the cap bounds the allocator only: the
+    CUDA context and NCCL's buffers are outside it); None: no plan (null, or `auto` without a GPU)."""
     setting, cap = cfg.train.memory_budget_gib, cfg.train.memory_cap_gib
+    most = None if cap is None else auto_budget_gib(int(cap * GIB))
     if setting != "auto":
-        most = None if cap is None else auto_budget_gib(int(cap * GIB), launched_ranks())
         if setting is not None and most is not None and setting > most:
             raise UserError(f"train.memory_budget_gib={setting:g} leaves no room under train.memory_cap_gib={cap:g} "
                             f"for the allocator's slack: at most {most:g}")
@@ -81,8 +82,8 @@ def resolve_budget(cfg: Config) -> Budget | None:
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)  # creates this process's CUDA context first: it is not free
-    usable = free if cap is None else min(free, int(cap * GIB))  # the cap bounds the allocator, not the context
-    return Budget(auto_budget_gib(usable, launched_ranks()), automatic=True)
+    budget = auto_budget_gib(free, launched_ranks())
+    return Budget(budget if most is None else min(budget, most), automatic=True)
 
 
 @dataclass(frozen=True)
