@@ -9,7 +9,7 @@ tied embeddings, the vocabulary, soft-capping and sliding windows to transformer
   tokenizer of its layout and its real chat template, tests/test_families.py; GPU: the real shapes,
   configs/models/), with the hub names people fine-tune;
 - LEVER_LIMITS: a lever a model's architecture rules out, found from its config.json, refused before
-  the model loads with the reason.
+  the model loads with the reason (`refusals`, which also refuses image-and-text models).
 """
 
 from __future__ import annotations
@@ -53,8 +53,7 @@ FAMILIES = {
     "gemma2": Family(("google/gemma-2-9b-it", "google/gemma-2-2b-it"), "gemma2", "gemma", "gemma-2.jinja",
                      (("sliding_window", 48), ("query_pre_attn_scalar", 24), ("attn_logit_softcapping", 50.0),
                       ("final_logit_softcapping", 30.0))),
-    "gemma3": Family(("google/gemma-3-12b-it", "google/gemma-3-4b-it", "google/gemma-3-1b-it"), "gemma3_text", "gemma",
-                     "gemma-2.jinja",
+    "gemma3": Family(("google/gemma-3-1b-it",), "gemma3_text", "gemma", "gemma-2.jinja",
                      (("sliding_window", 48), ("query_pre_attn_scalar", 24),
                       ("layer_types", ["sliding_attention", "full_attention"]))),
 }
@@ -82,9 +81,15 @@ LEVER_LIMITS = (
 )
 
 
-def refused_levers(cfg: ModelConfig, hf_config: Any) -> list[str]:
-    """Why each lever this config sets cannot work for this architecture (empty: all can)."""
+def refusals(cfg: ModelConfig, hf_config: Any) -> list[str]:
+    """Why this config cannot train this architecture: the model itself, or each lever the
+    architecture rules out (empty: it can)."""
     problems = []
+    if getattr(hf_config, "vision_config", None) is not None:
+        # e.g. Gemma-3 4B and up (Gemma3ForConditionalGeneration): LoRA's q/k/v targets would
+        # match the vision tower's attention too, and its layers are not priced by the estimate
+        problems.append(f"{cfg.arch or cfg.name!r} is an image-and-text model ({hf_config.model_type}, a vision "
+                        f"tower beside the decoder); this tool trains text decoders: use a text-only model")
     for limit in LEVER_LIMITS:
         value = getattr(cfg, limit.key)
         if value in limit.refused and limit.applies(hf_config):

@@ -19,7 +19,7 @@ from qlora.attention import VARLEN
 from qlora.attention import register as register_varlen
 from qlora.config import LoraConfig, ModelConfig
 from qlora.errors import UserError
-from qlora.families import refused_levers
+from qlora.families import refusals
 from qlora.weights import cached_4bit_copy, cached_random_model
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -52,9 +52,6 @@ def load_base_model(cfg: ModelConfig, precision: str, device: torch.device, seed
     """from_pretrained with the 4-bit NF4 BitsAndBytesConfig (plain `precision` weights when not
     `quantized`: evaluation with eval.quantized=false, merging). The model is in eval mode."""
     compute_dtype = DTYPES[precision]
-    refused = refused_levers(cfg, read_architecture(cfg))
-    if refused:
-        raise UserError("; ".join(refused))
     prepare_attention(cfg)
     path = base_weights(cfg, precision, seed, device, quantized)
     try:
@@ -200,12 +197,15 @@ def base_weights(cfg: ModelConfig, precision: str, seed: int, device: torch.devi
     cfg.name`; a sharded 4-bit run's weights pre-quantized (every rank maps them instead of
     quantizing the whole model on its CPU; 70B's bf16 form, 138 GB, is never written); else
     `cfg.name`. Random bf16 and 4-bit forms hold the same weights: the bf16 one quantizes on load
-    to the 4-bit one's bytes."""
+    to the 4-bit one's bytes. A model or lever this architecture rules out (qlora/families.py) is
+    refused first, before anything is written or loaded."""
+    architecture = read_architecture(cfg)
+    refused = refusals(cfg, architecture)
+    if refused:
+        raise UserError("; ".join(refused))
     four_bit = quant_config(cfg, precision) if cfg.shard and quantized else None
     if cfg.random_init:
-        return cached_random_model(read_architecture(cfg), seed, device, cfg.random_init_cache, four_bit,
-                                   cfg.trust_remote_code)
+        return cached_random_model(architecture, seed, device, cfg.random_init_cache, four_bit, cfg.trust_remote_code)
     if four_bit is not None:
-        return cached_4bit_copy(cfg.name, read_architecture(cfg), device, cfg.random_init_cache, four_bit,
-                                cfg.trust_remote_code)
+        return cached_4bit_copy(cfg.name, architecture, device, cfg.random_init_cache, four_bit, cfg.trust_remote_code)
     return cfg.name

@@ -69,8 +69,8 @@ def auto_budget_gib(free_bytes: int, ranks: int = 1) -> float:
 def resolve_budget(cfg: Config) -> Budget | None:
     """The budget to plan for: the config's number, or with `auto` this process's GPU's free memory
     less the margin (each torchrun rank plans for its own GPU), and no more than
-    train.memory_cap_gib less the allocator's share of it (the cap bounds the allocator only: the
-    CUDA context and NCCL's buffers are outside it); None: no plan (null, or `auto` without a GPU)."""
+    train.memory_cap_gib less the margin (the cap bounds the allocator only: the CUDA context and
+    NCCL's buffers are outside it); None: no plan (null, or `auto` without a GPU)."""
     setting, cap = cfg.train.memory_budget_gib, cfg.train.memory_cap_gib
     most = None if cap is None else auto_budget_gib(int(cap * GIB))
     if setting != "auto":

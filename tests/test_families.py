@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import evaluate
 import train
@@ -18,7 +18,7 @@ from qlora.config import LoraConfig, ModelConfig, load_config
 from qlora.data import IGNORE, encode_example, load_examples
 from qlora.errors import UserError
 from qlora.estimate import estimate_for_config
-from qlora.families import FAMILIES, refused_levers
+from qlora.families import FAMILIES, refusals
 from qlora.loop import micro_batch_loss
 from qlora.model import build_model, load_tokenizer, read_architecture
 from qlora.prompts import build_prompter
@@ -194,7 +194,7 @@ def test_each_shipped_config_sets_only_levers_its_architecture_allows(path):
     cfg = load_config(path)
     assert path.stem.startswith("llama2-") or any(cfg.model.name in f.hub for f in FAMILIES.values())
     architecture = read_architecture(cfg.model)
-    assert refused_levers(cfg.model, architecture) == []
+    assert refusals(cfg.model, architecture) == []
     peak = estimate_for_config(cfg, architecture, cfg.data.max_length, ranks=4)["total"]  # sharded: 70B on 4
     assert 2**30 < peak < (20 if cfg.model.shard else 16) * 2**30  # a 24 GB card, else a 16 GB one
 
@@ -209,3 +209,15 @@ def test_the_toy_family_command_builds_what_train_needs(tmp_path, monkeypatch, c
     prompter = build_prompter(AutoTokenizer.from_pretrained(tmp_path / "tokenizer"), "chat")
     assert prompter.tokenizer.convert_ids_to_tokens(prompter.end_id) == "<end_of_turn>"
     assert read_architecture(ModelConfig(name=str(tmp_path / "model"))).model_type == "gemma2"
+
+
+def test_an_image_and_text_model_is_refused_before_it_loads(tmp_path, capsys):
+    """Gemma-3 4B and up ship as Gemma3ForConditionalGeneration, a vision tower beside the decoder:
+    the LoRA targets would match the tower's q/k/v too. Refused in one line, nothing loaded."""
+    AutoConfig.for_model("gemma3").save_pretrained(tmp_path / "arch")  # vision + text config, no weights
+    args = ["--config", str(TINY_YAML), f"model.arch={tmp_path / 'arch'}", "model.random_init=true",
+            f"model.random_init_cache={tmp_path / 'cache'}", f"train.output_dir={tmp_path / 'run'}"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "is an image-and-text model (gemma3, a vision tower beside the decoder)" in err and "Traceback" not in err
+    assert not (tmp_path / "cache").exists()
