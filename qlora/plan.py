@@ -56,9 +56,11 @@ class Budget:
     """Peak allocated GiB to plan for."""
     automatic: bool
     """From the GPU's free memory (train.memory_budget_gib=auto), not a number in the config."""
+    limit: str = "the free GPU memory"
+    """What an automatic budget is that memory less a margin of: the free memory, or a smaller cap."""
 
     def describe(self) -> str:
-        return f"{self.gib:g} GiB {'budget (auto: free GPU memory less a margin)' if self.automatic else 'budget'}"
+        return f"{self.gib:g} GiB {f'budget (auto: {self.limit} less a margin)' if self.automatic else 'budget'}"
 
 
 def auto_budget_gib(free_bytes: int, ranks: int = 1) -> float:
@@ -83,7 +85,9 @@ def resolve_budget(cfg: Config) -> Budget | None:
         return None
     free, _ = torch.cuda.mem_get_info(device)  # creates this process's CUDA context first: it is not free
     budget = auto_budget_gib(free, launched_ranks())
-    return Budget(budget if most is None else min(budget, most), automatic=True)
+    if most is not None and most < budget:
+        return Budget(most, automatic=True, limit=f"train.memory_cap_gib={cap:g}")
+    return Budget(budget, automatic=True)
 
 
 @dataclass(frozen=True)
@@ -189,7 +193,7 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
     needs = f"the smallest plan ({smallest.describe()}) needs {smallest.peak_bytes / GIB:.2f} GiB"
     if budget.automatic:  # the least memory there is; it may still fit (the estimate is on the safe side)
         return Choice(smallest.apply(cfg), plans, None,
-                      f"nothing fits the free GPU memory ({needs}), so it runs and may run out of memory")
+                      f"nothing fits {budget.limit} ({needs}), so it runs and may run out of memory")
     planned = (*PLANNED_KEYS, ROWS_KEY) if len(lengths) > 1 else PLANNED_KEYS
     raise UserError(f"train.memory_budget_gib={budget.gib:g}: no plan fits; {needs}. Also lowers the peak: "
                     f"{peak_lowering_hints(leave_out=planned)}")

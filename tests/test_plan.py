@@ -120,7 +120,8 @@ def test_auto_plans_for_this_ranks_free_gpu_memory_less_a_margin(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert resolve_budget(auto_cfg) == Budget(11.91, automatic=True) and asked == [torch.device("cuda", 1)]  # rank 1 asks its own GPU
     capped = load_config(LLAMA2, ["train.memory_cap_gib=10"])  # an H200 acting as a smaller card
-    assert resolve_budget(capped) == Budget(auto_budget_gib(10 * GIB), automatic=True)  # NCCL is outside the cap
+    assert resolve_budget(capped) == Budget(auto_budget_gib(10 * GIB), automatic=True,  # NCCL is outside the cap
+                                            limit="train.memory_cap_gib=10")
     roomy = load_config(LLAMA2, ["train.memory_cap_gib=14"])  # more than the free memory leaves
     assert resolve_budget(roomy) == Budget(11.91, automatic=True)
     assert resolve_budget(load_config(LLAMA2, ["train.memory_budget_gib=null"])) is None
@@ -149,7 +150,8 @@ def test_a_sharded_70b_capped_at_24_gib_plans_shorter_rows_with_every_layer_reco
     what `auto` plans there; the config's rows where they fit; a refusal naming the smallest plan
     (rows of 2,048) where nothing does."""
     cfg = load_config(LLAMA2, SHARDED_70B)
-    arch, auto = read_architecture(cfg.model), Budget(auto_budget_gib(24 * GIB), automatic=True)
+    cap = "train.memory_cap_gib=24"
+    arch, auto = read_architecture(cfg.model), Budget(auto_budget_gib(24 * GIB), automatic=True, limit=cap)
     assert row_lengths(cfg, set()) == [None, 4096, 2048]
     choice = choose(cfg, arch, 2048, set(), auto, ranks=4)
     assert choice.chosen.rows == 4096 and choice.config.data.pack_length == 4096
@@ -160,8 +162,8 @@ def test_a_sharded_70b_capped_at_24_gib_plans_shorter_rows_with_every_layer_reco
     with pytest.raises(UserError, match=r"no plan fits; the smallest plan \(recompute 80 of 80 layers, rows of 2048 "
                                         r"tokens\) needs 16.48 GiB"):
         choose(cfg, arch, 2048, set(), Budget(12, automatic=False), ranks=4)
-    on_two = choose(cfg, arch, 2048, set(), Budget(auto_budget_gib(24 * GIB), automatic=True), ranks=2)
-    assert on_two.chosen is None and "nothing fits the free GPU memory" in on_two.reason  # 70B needs 4 such cards
+    on_two = choose(cfg, arch, 2048, set(), auto, ranks=2)
+    assert on_two.chosen is None and f"nothing fits {cap}" in on_two.reason  # 70B needs 4 such cards
 
 
 def test_rows_shorten_only_where_no_recompute_setting_fits_and_a_set_row_length_stays():
