@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from qlora.attention import VARLEN, sequence_bounds
 from qlora.batching import DataOrder
-from qlora.checkpoint import CHECKPOINTS, Start, save_checkpoint, trained_state
+from qlora.checkpoint import CHECKPOINTS, Start, save_checkpoint, trainable_weights, trained_state
 from qlora.config import Config, TrainConfig, peak_lowering_hints
 from qlora.data import IGNORE
 from qlora.debug import BreakAt, Phase
@@ -39,7 +39,6 @@ from qlora.memory import (MemoryMeter, dump_history, format_breakdown, memory_li
                           startup_breakdown, step_peak_gib, write_breakdown)
 from qlora.model import DTYPES
 from qlora.optim import TrainingState
-from qlora.shard import WRAPPED
 
 
 class Diverged(UserError):
@@ -343,8 +342,7 @@ def timed_step(model: torch.nn.Module, order: DataOrder, state: TrainingState, s
 
 def check_adapter_finite(model: torch.nn.Module, step: int, world: World, device: torch.device) -> None:
     """A sync point across ranks, run only before saving: all ranks must stop together."""
-    bad = next((name.replace(WRAPPED, "") for name, p in model.named_parameters()
-                if p.requires_grad and not bool(torch.isfinite(p).all())), None)
+    bad = next((name for name, w in trainable_weights(model).items() if not bool(torch.isfinite(w).all())), None)
     if any_rank(bad is not None, world, device):
         where = f"adapter weight {bad}" if bad else "an adapter weight on another rank"
         raise Diverged(f"step {step}: {where} is not finite; stopping without saving a checkpoint")
