@@ -1,7 +1,7 @@
 """Where one optimizer step's time goes: torch.profiler over a step of our loop, after two warm-up
 steps, printing the top operators by self CPU and by CUDA time.
 
-    python bench/profile_step.py --shape closed_book [config overrides...]
+    PYTHONPATH=.:bench python bench/profile_step.py --shape closed_book [config overrides...]
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ def main() -> None:
     run_steps(model, cfg, order, device, 2)  # warm-up (and compile)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
-        run_steps(model, cfg, order, device, 1)
+        (record,) = run_steps(model, cfg, order, device, 1)
+    # The step's wall time beside the profiler's totals: CUDA time well under it means the GPU waits
+    # on the CPU (launches, Python) between kernels.
+    print(f"step wall time {record['seconds']:.3f} s (profiled), {record['tokens']} tokens")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -122,13 +123,20 @@ def prepare_attention(cfg: ModelConfig) -> None:
     torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)
 
 
-def compile_decoder_layers(model: torch.nn.Module) -> None:
+def compile_decoder_layers(model: torch.nn.Module, backend: str | Callable = "inductor") -> None:
     """Compile each decoder layer in place, LoRA included (once: a compiled layer is left as it is).
     Recompute stays outside the compiled code (GradientCheckpointingLayer.__call__ wraps the
-    compiled call), so the recompute replays it."""
+    compiled call), so the recompute replays it. `backend`: torch.compile's (tests pass one that
+    records the graphs)."""
+    # Python floats (norm eps, LoRA scaling, dropout p) are constants: under dynamic=True dynamo would
+    # pass each as a float64 CPU tensor, and inductor would compile a C++ kernel for their casts even
+    # in a CUDA layer. That C++ kernel cost every process ~40 s of its first step (a compiler run and
+    # inductor's CPU-ISA probes, each a Python subprocess), with a warm compile cache too (H200,
+    # bench/results/2026-11-28-session10-h200/). Process-wide: these layers are our only compiled code.
+    torch._dynamo.config.specialize_float = True
     for layer in decoder_layers(model):
         if layer._compiled_call_impl is None:
-            layer.compile(dynamic=True)
+            layer.compile(dynamic=True, backend=backend)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[GradientCheckpointingLayer]:

@@ -2,6 +2,7 @@
 GradScaler skips, the schedule."""
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from qlora.config import TrainConfig
 from qlora.data import IGNORE, Encoded, Example
 from qlora.loop import accumulate_gradients, micro_batch_loss, optimizer_step
 from qlora.memory import MemoryMeter
-from qlora.model import decoder_layers
+from qlora.model import compile_decoder_layers, decoder_layers
 from qlora.optim import build_training_state
 
 CPU = torch.device("cpu")
@@ -112,6 +113,24 @@ def test_compiled_layers_give_the_same_loss_and_gradient(tiny_model_factory):
         torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
         for name in grads_a:
             assert (grads_b[name] - grads_a[name]).abs().max() <= 1e-4 * grads_a[name].abs().max()
+
+
+def test_compiled_layers_take_no_python_float_as_a_graph_input(tiny_model_factory):
+    """Norm eps, LoRA scaling and dropout p are compiled in as constants. As graph inputs they
+    would be float64 CPU tensors, and their casts a C++ kernel in every CUDA layer: a compiler run
+    and inductor's CPU-ISA probes at every process's first step, warm cache or not (~40 s, H200)."""
+    model = tiny_model_factory("fp32", dropout=0.1)
+    inputs = []
+
+    def record(graph: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        names = [n.name for n in graph.graph.nodes if n.op == "placeholder"]
+        inputs.extend(zip(names, example_inputs))
+        return graph.forward
+
+    compile_decoder_layers(model, backend=record)
+    micro_batch_loss(model, collate(make_rows([30, 17], [5, 3], seed=7), 0), "fp32", CPU, True).backward()
+    scalars = {name: t.dtype for name, t in inputs if torch.is_tensor(t) and t.dim() == 0}
+    assert inputs and all(name.endswith("quant_state_offset") for name in scalars), scalars  # bitsandbytes' own tensors
 
 
 def test_compute_dtype_norms_and_head_keep_the_loss_within_bf16_rounding(tiny_model_factory):
