@@ -105,6 +105,27 @@ def test_estimate_with_compute_dtype_norms_is_above_and_near_the_measured_peak(p
     assert measured < estimate < 1.06 * measured
 
 
+PLAN_RUNS = [  # (log of bench/budget_gpu.sh, its EXTRA overrides): one H200, the plan's pick at each budget
+    ("2026-11-28-session6-h200/budget-15.log", []),
+    ("2026-11-28-session6-h200/budget-75.log", []),
+    ("2026-11-28-session10-h200/budget-15-rows2048.log", ["data.pack_length=2048"]),
+    ("2026-11-28-session10-h200/budget-15-rows4096.log", ["data.pack_length=4096"]),
+    ("2026-11-28-session10-h200/budget-75-rows16384.log", ["data.pack_length=16384"])]
+
+
+@pytest.mark.parametrize("log, overrides", PLAN_RUNS)
+def test_the_estimate_of_each_plan_run_is_above_and_within_5_percent_of_its_peak(log, overrides):
+    """The plans train.memory_budget_gib picked on the GPU (rows of 2,048 to 16,384 tokens, 0 to 25
+    layers recomputed): today's estimate of each, against the run's measured peak allocated."""
+    text = (ROOT / "bench" / "results" / log).read_text()
+    measured = float(re.search(r"peak allocated ([\d.]+) GiB", text).group(1))
+    recomputed = int(re.search(r"memory plan: recompute (\d+) of 32 layers", text).group(1))
+    cfg = load_config(ROOT / "configs" / "llama2-7b-korquad.yaml",
+                      [*overrides, f"model.recompute_layers={recomputed}"])
+    estimate = estimate_for_config(cfg, read_architecture(cfg.model), cfg.data.max_length)["total"] / GIB
+    assert measured < estimate < 1.05 * measured
+
+
 GROWN_70B = ["model.arch=configs/models/llama-2-70b", "data.pack_length=4096", "data.pack_rows_multiple=4",
              "train.grad_accum=16"]
 SHARDED_RUNS = [  # (log, overrides as bench/big_gpu.sh ran it, ranks): the adapters whole on every rank
