@@ -74,6 +74,15 @@ class StepSettings:
         return self.break_at == BreakAt(step, phase)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch tensor to the device without waiting: CUDA copies from pinned host memory are
+    asynchronous, while a copy from ordinary (pageable) memory makes the host wait for the stream,
+    a sync point each micro-batch that keeps the CPU from queueing layers ahead of the GPU."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: str,
                      device: torch.device, supervised_logits_only: bool) -> torch.Tensor:
     """Summed (not averaged) cross-entropy over the batch's supervised tokens, in fp32."""
@@ -83,21 +92,22 @@ def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], pre
         # ~10 of ~900 positions carry a label: run the LM head (32k x hidden) only at positions
         # that predict one in some row, instead of materialising [B, T, vocab] logits.
         positions = (labels[:, 1:] != IGNORE).any(dim=0).nonzero().squeeze(1)
-        kwargs["logits_to_keep"] = positions.to(device, non_blocking=True)
+        kwargs["logits_to_keep"] = to_device(positions, device)
         targets = labels[:, positions + 1]
     else:
         targets = labels[:, 1:]
+    targets = to_device(targets, device)  # queued with the inputs, not after the forward
     for name in ("attention_mask", "position_ids"):  # padded rows have the one, packed rows the other
         if name in batch:
-            kwargs[name] = batch[name].to(device, non_blocking=True)
+            kwargs[name] = to_device(batch[name], device)
     if unwrap(model).config._attn_implementation == VARLEN:
         # sequence boundaries computed here on the CPU, so the 32 layers x 3 passes need no sync
-        kwargs.update({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+        kwargs.update({k: to_device(v, device) if torch.is_tensor(v) else v
                        for k, v in sequence_bounds(batch).items()})
     with torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32"):
-        out = model(input_ids=batch["input_ids"].to(device, non_blocking=True), use_cache=False, **kwargs)
+        out = model(input_ids=to_device(batch["input_ids"], device), use_cache=False, **kwargs)
     logits = out.logits if supervised_logits_only else out.logits[:, :-1]
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(),
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                            ignore_index=IGNORE, reduction="sum")
 
 
