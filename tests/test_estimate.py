@@ -155,8 +155,9 @@ def test_the_sharded_estimate_holds_the_gpu_runs(log, overrides, ranks):
 
 @pytest.mark.parametrize("name, parameters", [("llama-2-7b", 6_738_415_616), ("llama-2-13b", 13_015_864_320),
                                               ("llama-2-70b", 68_976_648_192),
-                                              ("codellama-34b", 33_743_970_304)])
-def test_the_llama2_architectures_have_their_published_sizes(name, parameters):
+                                              ("codellama-34b", 33_743_970_304),
+                                              ("gemma-3-1b", 999_885_952)])  # keras-hub's gemma3_instruct_1b preset
+def test_the_written_architectures_have_their_published_sizes(name, parameters):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):  # shapes only: nothing is allocated
