@@ -70,7 +70,8 @@ class ModelConfig:
     compile_layers: bool = key(
         False, "torch.compile each decoder layer (dynamic shapes): fuses the norms, rotary embedding, LoRA "
                "scaling and activation that otherwise run as dozens of memory-bound kernels. The first "
-               "step pays the compile (about a minute on a GPU); a debugger cannot step into the layers.",
+               "step pays the compile (the tutorial config: 18 s on an H200, 7.5 s with a warm cache); a debugger "
+               "cannot step into the layers.",
         resume_safe=True)
     upcast_non_quantized: bool = key(
         True, "Keep prepare_model_for_kbit_training's fp32 norms, embeddings and LM head (false: the compute "

@@ -75,12 +75,13 @@ class StepSettings:
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch tensor to the device without waiting: CUDA copies from pinned host memory are
-    asynchronous, while a copy from ordinary (pageable) memory makes the host wait for the stream,
-    a sync point each micro-batch that keeps the CPU from queueing layers ahead of the GPU."""
-    if device.type != "cuda":
+    """A batch tensor (on the CPU) to the device without making the host wait: CUDA copies from
+    pinned, contiguous host memory are asynchronous, while one from ordinary (pageable) memory may
+    wait for the stream and so keep the CPU from queueing layers ahead of the GPU. The pinned
+    buffer stays reserved until its copy has run (PyTorch's pinned-memory cache)."""
+    if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    return t.contiguous().pin_memory().to(device, non_blocking=True)
 
 
 def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: str,

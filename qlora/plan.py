@@ -17,11 +17,12 @@ recomputed layer a 1/L share of that (fitted on one H100, Llama-2-7B, extractive
 estimate behind it is on the safe side, except for eager attention, which it does not price: a
 budget given as a number is refused with eager attention, and `auto` plans nothing there (README,
 "Where the memory goes"). Shorter rows are slower per token, by an amount not priced here: each row
-pays the CPU's launches of every layer (the 7B step is nearly CPU-bound: rows of 2,048 with nothing
+pays the CPU's launches of every layer (at rows of 8,192 about the GPU's own time; rows of 2,048 with nothing
 recomputed ran 0.64x the config's rows of 8,192 with 25 of 32 layers recomputed, one H200,
 bench/results/2026-11-28-session10-h200/), the 4-bit weights' dequantization and, under sharding,
 their gathering. So they are a last resort, the longest that fits chosen. Longer rows than the
-config's are not planned (16,384 ran 6% faster than 8,192 with the whole card there).
+config's are not planned (with the whole card, 16,384 beat 8,192 only on steps whose rows of 8,192
+left a nearly empty third row).
 """
 
 from __future__ import annotations
