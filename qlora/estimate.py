@@ -120,7 +120,7 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
         packed = linear_params * 0.5
         quantized = packed / shards + 2 * packed / shape.layers + (quantized - packed)
         rest *= 1 + 1 / shards  # the root unit gathered, and its own shard beside the gathered copy
-    lora = lora_params * (4 + 4)
+    lora = lora_params * (4 + 4)  # fp32 weights and their gradient, whole on every rank (sharded too)
     optimizer_state = lora_params * state_bytes
     return {"quantized_weights": int(quantized), "embeddings_head_norms": int(rest),
             "lora_weights_and_grads": int(lora), "optimizer_state": int(optimizer_state),

@@ -6,8 +6,8 @@ qlora/weights.py: random ones (model.random_init) or a sharded run's pre-quantiz
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch

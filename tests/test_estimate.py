@@ -105,6 +105,11 @@ def test_estimate_with_compute_dtype_norms_is_above_and_near_the_measured_peak(p
     assert measured < estimate < 1.06 * measured
 
 
+def measured_peak_gib(log: str) -> float:
+    """The peak allocated GiB train.py printed at the end of a run ("memory: peak allocated ...")."""
+    return float(re.search(r"peak allocated ([\d.]+) GiB", log).group(1))
+
+
 PLAN_RUNS = [  # (log of bench/budget_gpu.sh, its EXTRA overrides): one H200, the plan's pick at each budget
     ("2026-11-28-session6-h200/budget-15.log", []),
     ("2026-11-28-session6-h200/budget-75.log", []),
@@ -118,7 +123,7 @@ def test_the_estimate_of_each_plan_run_is_above_and_within_5_percent_of_its_peak
     """The plans train.memory_budget_gib picked on the GPU (rows of 2,048 to 16,384 tokens, 0 to 25
     layers recomputed): today's estimate of each, against the run's measured peak allocated."""
     text = (ROOT / "bench" / "results" / log).read_text()
-    measured = float(re.search(r"peak allocated ([\d.]+) GiB", text).group(1))
+    measured = measured_peak_gib(text)
     recomputed = int(re.search(r"memory plan: recompute (\d+) of 32 layers", text).group(1))
     cfg = load_config(ROOT / "configs" / "llama2-7b-korquad.yaml",
                       [*overrides, f"model.recompute_layers={recomputed}"])
@@ -143,8 +148,7 @@ def test_the_sharded_estimate_holds_the_gpu_runs(log, overrides, ranks):
     """A sharded rank (model.shard) keeps 1/N of the 4-bit weights and gathers two layers at a time:
     Llama-2-70B on 4 H200s and CodeLlama-34B on 2, capped at 24 GiB or less: rank 0's measured peak
     allocated, between the measured peak and 10% above it."""
-    text = (ROOT / "bench" / "results" / log).read_text()
-    measured = float(re.search(r"peak allocated ([\d.]+) GiB", text).group(1))
+    measured = measured_peak_gib((ROOT / "bench" / "results" / log).read_text())
     cfg = load_config(ROOT / "configs" / "llama2-7b-korquad.yaml",
                       ["model.shard=true", "train.optimizer=adamw", *overrides])
     arch = read_architecture(cfg.model)
