@@ -10,7 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bitsandbytes as bnb
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -99,9 +101,9 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torc
 
 def apply_levers(model: PeftModel, cfg: ModelConfig, precision: str) -> None:
     """The config's speed and memory levers on a built model: attention kernel, which layers
-    recompute, compute-dtype norms, compiled layers. build_model calls it once; bench/compare_trl.py
-    calls it again on one loaded model as it turns the levers on one after another. Compute-dtype
-    norms and compiled layers are one-way."""
+    recompute, dequantized layers, compute-dtype norms, compiled layers. build_model calls it once;
+    bench/compare_trl.py calls it again on one loaded model as it turns the levers on one after
+    another. Dequantized layers, compute-dtype norms and compiled layers are one-way."""
     prepare_attention(cfg)
     model.get_base_model().set_attn_implementation(cfg.attn_implementation)
     if cfg.recompute_activations:
@@ -109,6 +111,7 @@ def apply_levers(model: PeftModel, cfg: ModelConfig, precision: str) -> None:
         recompute_first_layers(model, cfg.recompute_layers)
     else:
         model.gradient_checkpointing_disable()
+    dequantize_first_layers(model, cfg.dequantized_layers)
     if not cfg.upcast_non_quantized:
         cast_frozen_fp32(model, DTYPES[precision])
     if cfg.compile_layers:
@@ -148,6 +151,34 @@ def recompute_first_layers(model: torch.nn.Module, n: int | None) -> None:
     skip the recompute (spare memory bought back as speed)."""
     for i, layer in enumerate(decoder_layers(model)):
         layer.gradient_checkpointing = n is None or i < n
+
+
+class DequantizedLinear(torch.nn.Module):
+    """A 4-bit linear layer with its weight dequantized once: what bitsandbytes' Linear4bit computes
+    (input cast to its compute dtype, matmul with the dequantized weight, output cast back), without
+    dequantizing in every forward and backward. The weight is frozen (LoRA trains beside it)."""
+
+    def __init__(self, layer: bnb.nn.Linear4bit):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        dtype = layer.compute_dtype or layer.weight.quant_state.dtype
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = None if layer.bias is None else torch.nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+def dequantize_first_layers(model: torch.nn.Module, n: int) -> None:
+    """Swap the 4-bit base of every adapted and plain linear layer in the first n decoder layers
+    for its DequantizedLinear. Memory: each weight goes from half a byte (and its absmax) to the
+    compute dtype's bytes; the 4-bit copy is freed with the module."""
+    for layer in decoder_layers(model)[:n]:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, bnb.nn.Linear4bit):
+                    setattr(parent, name, DequantizedLinear(child))
 
 
 def cast_frozen_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
