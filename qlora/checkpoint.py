@@ -133,7 +133,9 @@ def peft_layout(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     bias, no DoRA): without the adapter's name ('...q_proj.lora_A.default.weight' ->
     '...q_proj.lora_A.weight'; tests/test_checkpoint.py holds it equal to peft's
     get_peft_model_state_dict, which finds the adapter layers by module name, and FSDP changes those)."""
-    return {name.replace(f".{ADAPTER_NAME}.", "."): w for name, w in weights.items()}
+    # copies: the adapters may be views into one flat tensor (qlora/optim.py), and safetensors
+    # refuses tensors that share memory
+    return {name.replace(f".{ADAPTER_NAME}.", "."): w.clone() for name, w in weights.items()}
 
 
 def save_final(model: Any, adapter: dict[str, torch.Tensor], tokenizer: Any, cfg: Config, run_dir: Path) -> Path:
@@ -291,7 +293,11 @@ class Start:
         ckpt = self.checkpoint
         if ckpt is None:
             return
-        state.optimizer.load_state_dict(ckpt.optimizer)
+        try:
+            state.optimizer.load_state_dict(ckpt.optimizer)
+        except ValueError as e:  # e.g. per-adapter states into the flat optimizer (qlora/optim.py)
+            raise UserError(f"checkpoint {ckpt.path}: its optimizer state does not fit this run's optimizer "
+                            f"({e}); it was written by an earlier version of qlora-loop") from None
         repage_optimizer_state(state.optimizer)
         state.scheduler.load_state_dict(ckpt.state["scheduler"])
         state.scaler.load_state_dict(ckpt.state["scaler"])

@@ -143,10 +143,9 @@ def sum_adapter_gradients(model: torch.nn.Module) -> None:
         work.wait()
 
 
-def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip the trainable weights' gradients to `max_norm` in total; returns the norm before (a
-    sync point). After the ranks' sum the gradients are the same on every rank."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clip the optimizer's gradients to `max_norm` in total; returns the norm before (a sync
+    point). After the ranks' sum the gradients are the same on every rank."""
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 

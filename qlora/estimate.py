@@ -65,11 +65,13 @@ MODULE_DIMS = {  # (in, out) of each linear layer of a decoder block, as functio
 def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: tuple[str, ...],
                   lora_dropout: bool, optimizer: str, recompute: bool, double_quant: bool,
                   logits_everywhere: bool, compute_bytes: int = 2, stream_bytes: int = 4,
-                  recompute_layers: int | None = None, compiled: bool = False, shards: int = 1) -> dict[str, int]:
+                  recompute_layers: int | None = None, compiled: bool = False, shards: int = 1,
+                  dequantized_layers: int = 0) -> dict[str, int]:
     """Predicted peak allocated bytes of one training step, by component.
 
     - quantized weights: 4 bits per weight + one absmax per 64 weights (8-bit with double
-      quantization, fp32 without);
+      quantization, fp32 without); in the first `dequantized_layers` layers, `compute_bytes` a
+      weight instead (model.dequantized_layers);
     - embeddings, LM head and norms: `stream_bytes` each: fp32 as prepare_model_for_kbit_training
       upcasts them, or the compute dtype (model.upcast_non_quantized=false);
     - LoRA: fp32 weights + fp32 gradients; optimizer: 2 states of 1 byte (8-bit, + an fp32 absmax
@@ -94,6 +96,7 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
     linear_params = shape.layers * sum(i * o for i, o in per_layer)
     absmax = 1 + 4 / 256 if double_quant else 4
     quantized = linear_params * 0.5 + linear_params / 64 * absmax
+    quantized += min(dequantized_layers, shape.layers) * linear_params / shape.layers * (compute_bytes - 0.5 - absmax / 64)
     rest = (((1 if shape.tied else 2) * shape.vocab + (2 * shape.layers + 1)) * shape.hidden) * stream_bytes
     lora_params = shape.layers * sum(lora_r * sum(MODULE_DIMS[t](shape)) for t in targets)
     state_bytes = 2 * (1 + 4 / 256) if optimizer in ("paged_adamw_8bit", "adamw_8bit") else 8
@@ -145,7 +148,8 @@ def estimate_for_config(cfg: Config, hf_config: Any, seq: int, ranks: int = 1) -
                          logits_everywhere=not cfg.train.supervised_logits_only,
                          compute_bytes=compute_bytes,
                          stream_bytes=4 if cfg.model.upcast_non_quantized else compute_bytes,
-                         compiled=cfg.model.compile_layers, shards=ranks if cfg.model.shard else 1)
+                         compiled=cfg.model.compile_layers, shards=ranks if cfg.model.shard else 1,
+                         dequantized_layers=cfg.model.dequantized_layers)
 
 
 def format_estimate(estimate: dict[str, int]) -> str:

@@ -4,7 +4,7 @@
       accumulate_gradients, for each micro-batch of the window:
                               autocast -> forward -> summed token loss / window tokens -> scaled backward
       optimizer_step, at the accumulation boundary:
-                              unscale -> clip -> step (skipped on inf/nan) -> scaler update -> scheduler
+                              collect gradients -> unscale -> clip -> step (skipped on inf/nan) -> scaler update -> scheduler
                               -> zero grads
     fit: train_step for each step, with metrics, progress bar, checkpoints and stop signals.
 
@@ -142,19 +142,24 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[dict[str, torch.T
     return total
 
 
-def optimizer_step(model: torch.nn.Module, state: TrainingState, max_grad_norm: float) -> tuple[float, bool]:
+def optimizer_step(state: TrainingState, max_grad_norm: float) -> tuple[float, bool]:
     """Unscale -> clip -> step -> update -> schedule -> zero. Returns (grad norm before clipping,
     whether GradScaler skipped the step because a gradient was inf/nan)."""
     scaler = state.scaler
+    state.collect_gradients()  # into the flat tensor the optimizer steps, where there is one
     scaler.unscale_(state.optimizer)  # grads back to true scale, so clipping sees real norms
-    grad_norm = clip_grad_norm(model, max_grad_norm)  # sync point
+    grad_norm = clip_grad_norm(optimizer_params(state.optimizer), max_grad_norm)  # sync point
     scale_before = scaler.get_scale()
     scaler.step(state.optimizer)  # no-op when unscale_ found inf/nan
     scaler.update()  # halves the scale after a skip, grows it after enough good steps
     skipped = scaler.is_enabled() and scaler.get_scale() < scale_before
     state.scheduler.step()  # also after a skip: the schedule follows optimizer steps taken or skipped
-    state.optimizer.zero_grad(set_to_none=True)  # frees gradient memory until the next backward
+    state.zero_grad()  # frees gradient memory until the next backward
     return grad_norm, skipped
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 @dataclass(frozen=True)
@@ -181,7 +186,7 @@ def train_step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], s
     if settings.stops_at(step, "optimizer"):
         breakpoint()  # --break-at STEP:optimizer
     with meter.phase("optimizer"):
-        grad_norm, skipped = optimizer_step(model, state, settings.max_grad_norm)
+        grad_norm, skipped = optimizer_step(state, settings.max_grad_norm)
     loss = float(sum_over_ranks(loss_t, world))  # sync point: once per optimizer step
     if not skipped and not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise Diverged(f"step {step}: loss {loss} / grad norm {grad_norm} is not finite and no "

@@ -3,17 +3,20 @@
 
 What it plans: how many decoder layers recompute their activations (all, the first N, none), and,
 only where nothing fits the config's packed rows, shorter rows (halves of the config's row length,
-down to data.max_length). Recompute never changes the gradient. Shorter rows group the same
-examples a step into more rows: the same step, up to floating-point order and the LoRA dropout
-masks, which are drawn per row. Both may change between a run and its resume (a resume that plans
-other rows is then not bit for bit the unbroken run). A config that sets `model.recompute_layers`
-or `model.recompute_activations` itself keeps its value (rows still shortened where they do not
-fit), and one that sets `data.pack_length` keeps its rows (explicit values win). A sharded model
-(model.shard) plans rows only, every layer recomputed: fewer recomputed layers under FSDP have not
-been measured.
+down to data.max_length); then, in the memory left beside the fastest such plan, how many layers
+keep their base weights dequantized (model.dequantized_layers; not under model.shard). Recompute
+and dequantized layers never change the gradient. Shorter rows group the same examples a step into
+more rows: the same step, up to floating-point order and the LoRA dropout masks, which are drawn
+per row. All three may change between a run and its resume (a resume that plans other rows is then
+not bit for bit the unbroken run). A config that sets `model.recompute_layers` or
+`model.recompute_activations` itself keeps its value (rows still shortened where they do not fit,
+and nothing else planned where they do), one that sets `data.pack_length` keeps its rows, and one
+that sets `model.dequantized_layers` its count (explicit values win). A sharded model (model.shard)
+plans rows only, every layer recomputed: fewer recomputed layers under FSDP have not been measured.
 
 Speed model: a step with every layer recomputed takes 1 + RECOMPUTE_COST times one with none, each
-recomputed layer a 1/L share of that (fitted on one H100, Llama-2-7B, extractive @2048). The
+recomputed layer a 1/L share of that (fitted on one H100, Llama-2-7B, extractive @2048); each
+dequantized layer takes a 1/L share of DEQUANTIZED_GAIN off (one H200). The
 estimate behind it is on the safe side, except for eager attention, which it does not price: a
 budget given as a number is refused with eager attention, and `auto` plans nothing there (README,
 "Where the memory goes"). Shorter rows are slower per token, by an amount not priced here: each row
@@ -40,12 +43,19 @@ from qlora.errors import UserError
 from qlora.estimate import estimate_for_config
 from qlora.memory import GIB
 
+DEQUANTIZED_GAIN = 0.040
+"""A step with every layer's base dequantized once (model.dequantized_layers) takes 1 - DEQUANTIZED_GAIN
+times one that dequantizes in each pass, each layer a 1/L share: Llama-2-7B, the shipped config
+with nothing recomputed, one H200, 0.858 -> 0.823 s a step over steps 3-12
+(bench/results/2026-11-29-session11-h200/call-a/). A recomputed layer dequantizes three times a row
+instead of two, so it gains more; not priced (the plan spends memory on recompute first anyway:
+a layer kept from recompute buys about three times the speed a GiB that dequantizing buys)."""
 RECOMPUTE_COST = 0.505
 """Llama-2-7B, configs/llama2-7b-korquad.yaml, one H100 (an earlier session's train.py runs, steps
 3-14, reported in issue 14; the result files were not kept): 16,916 tokens/s with no layer
 recomputed, 11,237 with all 32; the linear share predicts 14,230 for 12 of 32, measured 13,960."""
 PLANNED_KEYS = ("model.recompute_activations", "model.recompute_layers")
-ROWS_KEY = "data.pack_length"
+ROWS_KEY, DEQUANTIZED_KEY = "data.pack_length", "model.dequantized_layers"
 AUTO_MARGIN, AUTO_MIN_MARGIN_GIB, AUTO_TORCHRUN_GIB = 0.08, 1.0, 1.25
 """`auto` leaves 8% of the free memory (at least 1 GiB) unplanned: the allocator reserves 3% + 0.3 GiB
 over the peak it allocates (H200, bench/results/2026-11-28-session6-h200/), and the rest is room for
@@ -103,20 +113,25 @@ class Plan:
     """The estimate's peak allocated bytes."""
     rows: int | None = None
     """Tokens per packed row where the plan shortens the config's rows (None: the config's)."""
+    dequantized: int = 0
+    """How many decoder layers (the first ones) keep their base weights dequantized."""
 
     @property
     def speed(self) -> float:
-        """Tokens/s relative to recomputing every layer (at the same rows)."""
-        return (1 + RECOMPUTE_COST) / (1 + RECOMPUTE_COST * self.recomputed / self.layers)
+        """Tokens/s relative to recomputing every layer and dequantizing none (at the same rows)."""
+        return (1 + RECOMPUTE_COST) / ((1 + RECOMPUTE_COST * self.recomputed / self.layers)
+                                       * (1 - DEQUANTIZED_GAIN * self.dequantized / self.layers))
 
     def describe(self) -> str:
         rows = f", rows of {self.rows} tokens" if self.rows else ""  # None: the config's rows
-        return f"recompute {self.recomputed} of {self.layers} layers{rows}"
+        dequantized = f", {self.dequantized} dequantized" if self.dequantized else ""
+        return f"recompute {self.recomputed} of {self.layers} layers{rows}{dequantized}"
 
     def apply(self, cfg: Config) -> Config:
         """model.recompute_layers counts the same layers, with null for all of them."""
         model = dataclasses.replace(cfg.model, recompute_activations=self.recomputed > 0,
-                                    recompute_layers=None if self.recomputed in (0, self.layers) else self.recomputed)
+                                    recompute_layers=None if self.recomputed in (0, self.layers) else self.recomputed,
+                                    dequantized_layers=self.dequantized or cfg.model.dequantized_layers)
         data = dataclasses.replace(cfg.data, pack_length=self.rows) if self.rows else cfg.data
         return dataclasses.replace(cfg, model=model, data=data)
 
@@ -191,23 +206,35 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
         fitting = [p for p in plans if p.peak_bytes <= budget.gib * GIB]
         if fitting and fixed and fitting[0].rows is None:
             return Choice(cfg, plans, None, own)
-        if fitting:
-            return Choice(fitting[0].apply(cfg), plans, fitting[0])  # candidates run from the fastest
+        if fitting:  # candidates run from the fastest
+            chosen = fitting[0] if DEQUANTIZED_KEY in given or cfg.model.shard else \
+                with_dequantized(fitting[0], cfg, hf_config, seq, ranks, budget)
+            return Choice(chosen.apply(cfg), plans, chosen)
     smallest = min(plans, key=lambda p: p.peak_bytes)
     needs = f"the smallest plan ({smallest.describe()}) needs {smallest.peak_bytes / GIB:.2f} GiB"
     if budget.automatic:  # the least memory there is; it may still fit (the estimate is on the safe side)
         return Choice(smallest.apply(cfg), plans, None,
                       f"nothing fits {budget.limit} ({needs}), so it runs and may run out of memory")
-    planned = (*PLANNED_KEYS, ROWS_KEY) if len(lengths) > 1 else PLANNED_KEYS
+    planned = (*PLANNED_KEYS, DEQUANTIZED_KEY, *([ROWS_KEY] if len(lengths) > 1 else []))
     raise UserError(f"train.memory_budget_gib={budget.gib:g}: no plan fits; {needs}. Also lowers the peak: "
                     f"{peak_lowering_hints(leave_out=planned)}")
+
+
+def with_dequantized(plan: Plan, cfg: Config, hf_config: Any, seq: int, ranks: int, budget: Budget) -> Plan:
+    """`plan` with as many dequantized layers as the budget has room for beside it (model.dequantized_layers)."""
+    for n in range(plan.layers, 0, -1):
+        more = dataclasses.replace(plan, dequantized=n)
+        peak = estimate_for_config(more.apply(cfg), hf_config, seq, ranks)["total"]
+        if peak <= budget.gib * GIB:
+            return dataclasses.replace(more, peak_bytes=peak)
+    return plan
 
 
 def format_plans(plans: list[Plan], chosen: Plan, budget: Budget) -> str:
     """The table --estimate-memory prints: each candidate's predicted peak and relative speed."""
     lines = [f"memory plans for a {budget.describe()}; peak allocated as estimated, speed relative "
              f"to recomputing every layer:"]
-    for p in plans:
+    for p in plans + ([chosen] if chosen not in plans else []):  # the chosen plan with its dequantized layers last
         mark = "  <- chosen" if p == chosen else ("" if p.peak_bytes <= budget.gib * GIB else "  (over budget)")
         lines.append(f"  {p.describe():<50} {p.peak_bytes / GIB:8.3f} GiB  {p.speed:5.2f}x{mark}")
     return "\n".join(lines)

@@ -115,13 +115,15 @@ PLAN_RUNS = [  # (log of bench/budget_gpu.sh, its EXTRA overrides): one H200, th
     ("2026-11-28-session6-h200/budget-75.log", []),
     ("2026-11-28-session10-h200/budget-15-rows2048.log", ["data.pack_length=2048"]),
     ("2026-11-28-session10-h200/budget-15-rows4096.log", ["data.pack_length=4096"]),
-    ("2026-11-28-session10-h200/budget-75-rows16384.log", ["data.pack_length=16384"])]
+    ("2026-11-28-session10-h200/budget-75-rows16384.log", ["data.pack_length=16384"]),
+    ("2026-11-29-session11-h200/call-a/budget-75-deq32.log", ["model.dequantized_layers=32"])]
 
 
 @pytest.mark.parametrize("log, overrides", PLAN_RUNS)
 def test_the_estimate_of_each_plan_run_is_above_and_within_5_percent_of_its_peak(log, overrides):
     """The plans train.memory_budget_gib picked on the GPU (rows of 2,048 to 16,384 tokens, 0 to 25
-    layers recomputed): today's estimate of each, against the run's measured peak allocated."""
+    layers recomputed, 0 or 32 dequantized): today's estimate of each, against the run's measured
+    peak allocated."""
     text = (ROOT / "bench" / "results" / log).read_text()
     measured = measured_peak_gib(text)
     recomputed = int(re.search(r"memory plan: recompute (\d+) of 32 layers", text).group(1))

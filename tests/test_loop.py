@@ -176,6 +176,25 @@ def test_reentrant_recompute_gives_the_same_gradient_dropout_included(tiny_model
             torch.testing.assert_close(other[name], grads[0][name], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("precision, upcast", [("bf16", False), ("fp16", True)])
+def test_dequantized_layers_give_the_4bit_layers_loss_and_gradients(tiny_model_factory, precision, upcast):
+    """model.dequantized_layers: the first layer's base weights dequantized once, the second's
+    still 4-bit; the loss and the adapters' gradients are those of the all-4-bit model, bit for
+    bit (with fp32 norms the layer's input is fp32 and is cast as bitsandbytes casts it)."""
+    batch = collate(make_rows([20, 15], [4, 4]), 0)
+    results = []
+    for n in (0, 1):
+        model = tiny_model_factory(precision, dropout=0.1, upcast=upcast, dequantized_layers=n)
+        kinds = [type(m).__name__ for m in model.modules() if type(m).__name__ in ("DequantizedLinear", "Linear4bit")]
+        assert kinds.count("DequantizedLinear") == 7 * n  # q, k, v, o, gate, up, down
+        torch.manual_seed(3)  # the same dropout masks
+        loss = micro_batch_loss(model, batch, precision, CPU, True)
+        loss.backward()
+        results.append((loss.detach(), lora_grads(model)))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
+
+
 def test_fp16_gradscaler_skips_a_step_on_inf(tiny_model_factory):
     model = tiny_model_factory("fp16")
     cfg = TrainConfig(output_dir="x", optimizer="paged_adamw_8bit", lr=1e-2, warmup_ratio=0.0, precision="fp16")
@@ -187,15 +206,39 @@ def test_fp16_gradscaler_skips_a_step_on_inf(tiny_model_factory):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     next(p for p in model.parameters() if p.requires_grad).grad[0, 0] = float("inf")
     scale = scaler.get_scale()
-    _, skipped = optimizer_step(model, state, 1.0)
+    _, skipped = optimizer_step(state, 1.0)
     assert skipped and scaler.get_scale() == scale / 2
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
 
     accumulate_gradients(model, [batch], scaler, "fp16", CPU, True, METER)
-    grad_norm, skipped = optimizer_step(model, state, 1.0)
+    grad_norm, skipped = optimizer_step(state, 1.0)
     assert not skipped and math.isfinite(grad_norm)
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_one_flat_tensor_steps_the_8bit_optimizer_as_the_adapters_one_by_one(tiny_model_factory):
+    """r=64 on the tiny model: each adapter holds 4,096 weights, whole blocks of 8-bit state, so
+    the optimizer steps one flat tensor (qlora/optim.py). Three steps leave the adapters as
+    stepping them one by one does, bit for bit."""
+    cfg = TrainConfig(output_dir="x", optimizer="paged_adamw_8bit", lr=1e-2, warmup_ratio=0.0, precision="fp32")
+    batch = collate(make_rows([20, 15], [4, 4]), 0)
+    adapters, norms = [], []
+    for flat in (True, False):
+        model = tiny_model_factory("fp32", r=64)
+        state = build_training_state(model, cfg, 10, CPU, flat=flat)
+        assert (state.flat is not None) == flat and len(state.optimizer.param_groups[0]["params"]) == (1 if flat else 16)
+        for _ in range(3):
+            accumulate_gradients(model, [batch], state.scaler, "fp32", CPU, True, METER)
+            norms.append(optimizer_step(state, 1e9)[0])  # no clipping: its norm is summed in another order
+        adapters.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        assert all(p.grad is None for p in model.parameters())
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])
+    assert norms[:3] == pytest.approx(norms[3:], rel=1e-5)  # fp32 sums in another order
+    # r=16 (1,024 weights an adapter, 32-bit states in bitsandbytes) stays one tensor an adapter
+    model = tiny_model_factory("fp32")
+    assert build_training_state(model, cfg, 10, CPU).flat is None
 
 
 def test_schedule_warmup_then_cosine_to_zero():

@@ -2,6 +2,7 @@
 train.memory_budget_gib (a number, or `auto` from the GPU's free memory), explicit values winning,
 and a refusal that names the smallest budget."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +14,8 @@ from qlora.errors import UserError
 from qlora.estimate import estimate_for_config
 from qlora.memory import GIB, cap_memory
 from qlora.model import build_model, decoder_layers, read_architecture
-from qlora.plan import EAGER, Budget, auto_budget_gib, candidates, choose, resolve_budget, row_lengths
+from qlora.plan import (EAGER, Budget, auto_budget_gib, candidates, choose, format_plans, resolve_budget,
+                        row_lengths)
 from tests.conftest import ROOT, TINY_YAML
 
 LLAMA2 = ROOT / "configs" / "llama2-7b-korquad.yaml"
@@ -41,6 +43,25 @@ def test_a_larger_budget_never_plans_a_slower_step():
     assert speeds == sorted(speeds) and speeds[-1] > speeds[0]
     choice, _ = plan_for(80)  # the whole card: nothing recomputed
     assert choice.chosen.recomputed == 0 and not choice.config.model.recompute_activations
+
+
+def test_memory_left_beside_the_fastest_recompute_plan_goes_to_dequantized_layers():
+    """One more dequantized layer than planned would not fit; the whole card dequantizes every
+    layer; a config's own count wins; a sharded model dequantizes none."""
+    for budget in BUDGETS:
+        choice, arch = plan_for(budget)
+        chosen = choice.chosen
+        assert choice.config.model.dequantized_layers == chosen.dequantized
+        if chosen.dequantized < chosen.layers:
+            more = dataclasses.replace(chosen, dequantized=chosen.dequantized + 1)
+            assert estimate_for_config(more.apply(choice.config), arch, 2048)["total"] > budget * GIB
+    whole, _ = plan_for(80)
+    assert (whole.chosen.recomputed, whole.chosen.dequantized) == (0, 32)
+    assert "recompute 0 of 32 layers, 32 dequantized" in format_plans(whole.plans, whole.chosen, Budget(80, False))
+    own, _ = plan_for(80, "model.dequantized_layers=4")
+    assert own.chosen.dequantized == 0 and own.config.model.dequantized_layers == 4
+    sharded, _ = plan_for(80, "model.shard=true")
+    assert sharded.config.model.dequantized_layers == 0
 
 
 def test_the_planned_layers_are_the_ones_that_recompute(tmp_path):
@@ -75,7 +96,8 @@ def test_explicit_recompute_settings_win_and_the_run_says_so(tmp_path, capsys):
     shorter, _ = plan_for(16, "model.recompute_layers=8")  # its rows do not fit: they shorten, its recompute stays
     assert shorter.chosen.recomputed == 8 and shorter.config.model.recompute_layers == 8
     assert shorter.chosen.rows < 8192 and shorter.config.data.pack_length == shorter.chosen.rows
-    assert all(p.recomputed == 8 and p.peak_bytes > 16 * GIB for p in shorter.plans if p != shorter.chosen)
+    assert all(p.recomputed == 8 for p in shorter.plans)  # the longer rows: over the budget
+    assert all(p.peak_bytes > 16 * GIB for p in shorter.plans if p.rows != shorter.chosen.rows)
     common = ["--config", str(TINY_YAML), "--dry-run", f"train.output_dir={tmp_path / 'run'}"]
     assert train.main([*common, "train.memory_budget_gib=0.0001", "model.recompute_activations=true"]) == 0
     assert ("memory plan: none, the config sets model.recompute_activations itself; estimated peak"
@@ -102,7 +124,7 @@ def test_train_plans_shorter_rows_where_its_own_do_not_fit(tmp_path, capsys):
     full, half = candidates(cfg, arch, 128), candidates(cfg, arch, 128, rows=256)
     budget = (min(p.peak_bytes for p in full) + min(p.peak_bytes for p in half)) / 2 / GIB
     assert train.main(["--config", str(TINY_YAML), *items, f"train.memory_budget_gib={budget}", "--dry-run"]) == 0
-    assert ", rows of 256 tokens, estimated peak" in capsys.readouterr().out
+    assert ", rows of 256 tokens, 2 dequantized, estimated peak" in capsys.readouterr().out  # the tiny weights are small
 
 
 def test_auto_plans_for_this_ranks_free_gpu_memory_less_a_margin(monkeypatch):
