@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
 
     # 5. training state: optimizer, schedule, loss scaling (from a checkpoint: restored last, so
     #    its RNG states are the loop's)
-    state = build_training_state(trained, t, n_steps, device, flat=not cfg.model.shard)  # FSDP owns its views
+    state = build_training_state(trained, t, n_steps, device, flat=not cfg.model.shard)  # not tried under FSDP
     run_dir = open_run_dir(cfg, start) if world.is_main else Path(t.output_dir)
     distributed.barrier(world)
     start.restore(trained, state)

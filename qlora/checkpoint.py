@@ -295,9 +295,11 @@ class Start:
             return
         try:
             state.optimizer.load_state_dict(ckpt.optimizer)
-        except ValueError as e:  # e.g. per-adapter states into the flat optimizer (qlora/optim.py)
-            raise UserError(f"checkpoint {ckpt.path}: its optimizer state does not fit this run's optimizer "
-                            f"({e}); it was written by an earlier version of qlora-loop") from None
+        except ValueError as e:  # per-adapter states into the flat optimizer or back (qlora/optim.py)
+            raise UserError(f"checkpoint {ckpt.path}: its optimizer state does not fit this run's optimizer ({e}): "
+                            f"the 8-bit optimizers step the adapters as one flat tensor except under model.shard, "
+                            f"and before 2026-11-29 never did; resume with the model.shard setting and the "
+                            f"qlora-loop version it was written with") from None
         repage_optimizer_state(state.optimizer)
         state.scheduler.load_state_dict(ckpt.state["scheduler"])
         state.scaler.load_state_dict(ckpt.state["scaler"])
@@ -307,7 +309,8 @@ class Start:
 def repage_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """bitsandbytes loads paged states back as ordinary device tensors (its issue 782), which can
     then no longer be evicted to host memory: copy them into fresh paged buffers. It pages only
-    tensors of 1e5 elements or more, so LoRA r=16 on a 4096-wide model never pages at all."""
+    tensors of 1e5 elements or more: the flat state of all adapters (qlora/optim.py), or one
+    adapter's of that size."""
     if not getattr(optimizer, "is_paged", False):
         return
     for group in optimizer.param_groups:

@@ -143,10 +143,13 @@ def sum_adapter_gradients(model: torch.nn.Module) -> None:
         work.wait()
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    """Clip the optimizer's gradients to `max_norm` in total; returns the norm before (a sync
-    point). After the ranks' sum the gradients are the same on every rank."""
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> float:
+    """Clip `grads` to `max_norm` in total, in place, as torch.nn.utils.clip_grad_norm_ does;
+    returns the norm before (a sync point). After the ranks' sum the gradients are the same on
+    every rank."""
+    total = torch.nn.utils.get_total_norm(grads)
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return float(total)
 
 
 def share(batches: list[dict[str, Any]], world: World, even: bool = False) -> list[dict[str, Any]]:

@@ -148,7 +148,7 @@ def optimizer_step(state: TrainingState, max_grad_norm: float) -> tuple[float, b
     scaler = state.scaler
     state.collect_gradients()  # into the flat tensor the optimizer steps, where there is one
     scaler.unscale_(state.optimizer)  # grads back to true scale, so clipping sees real norms
-    grad_norm = clip_grad_norm(optimizer_params(state.optimizer), max_grad_norm)  # sync point
+    grad_norm = clip_grad_norm(state.gradients(), max_grad_norm)  # sync point
     scale_before = scaler.get_scale()
     scaler.step(state.optimizer)  # no-op when unscale_ found inf/nan
     scaler.update()  # halves the scale after a skip, grows it after enough good steps
@@ -156,10 +156,6 @@ def optimizer_step(state: TrainingState, max_grad_norm: float) -> tuple[float, b
     state.scheduler.step()  # also after a skip: the schedule follows optimizer steps taken or skipped
     state.zero_grad()  # frees gradient memory until the next backward
     return grad_norm, skipped
-
-
-def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from qlora.config import TrainConfig
+from qlora.errors import UserError
 
 # On a CPU, bitsandbytes warns at the first step (with its source line) that paging needs CUDA, then
 # keeps the states in ordinary memory, which is all a CPU has: nothing for a user to act on.
@@ -42,9 +43,22 @@ class TrainingState:
     """The adapters as one tensor, which the optimizer steps instead of them (see flatten)."""
 
     def collect_gradients(self) -> None:
-        """The adapters' gradients into the flat tensor's (one copy kernel), before unscaling."""
-        if self.flat is not None:
-            self.flat.grad = torch.cat([p.grad.reshape(-1) for p in self.adapters])
+        """The adapters' gradients into the flat tensor's (one copy kernel, and a second copy of
+        the gradients until zero_grad), before unscaling."""
+        if self.flat is None:
+            return
+        missing = next((i for i, p in enumerate(self.adapters) if p.grad is None), None)
+        if missing is not None:  # bitsandbytes would skip that tensor; one flat tensor cannot
+            raise UserError(f"adapter weight {missing} got no gradient this step: every adapted module must be "
+                            f"used in the forward (check lora.target_modules)")
+        self.flat.grad = torch.cat([p.grad.reshape(-1) for p in self.adapters])
+
+    def gradients(self) -> list[torch.Tensor]:
+        """The optimizer's gradients one tensor an adapter (views into the flat one's), so that
+        clipping sums the norm as it does over separate adapters."""
+        if self.flat is None:
+            return [p.grad for p in self.adapters if p.grad is not None]
+        return list(self.flat.grad.split([p.numel() for p in self.adapters]))
 
     def zero_grad(self) -> None:
         """Frees the gradients (set to None, not zeroed) until the next backward."""
@@ -72,10 +86,12 @@ def build_training_state(model: torch.nn.Module, cfg: TrainConfig, total_steps: 
 def flattens_exactly(optimizer: str, params: tuple[torch.nn.Parameter, ...]) -> bool:
     """bitsandbytes' optimizers update one tensor at a time and wait for the GPU after each
     (`torch.cuda.synchronize()` in Optimizer8bit.step): 256 waits a step for Llama-2-7B's adapters,
-    about 50 ms of the GPU idle (H200). One flat tensor makes it one update and one wait. The
-    updates are the same numbers when every adapter fills whole blocks of 8-bit state, so that
-    no block spans two of them (tests/test_loop.py checks it bit for bit); otherwise they stay
-    separate. torch's AdamW needs none of it: it updates all tensors together and never waits."""
+    49.6 ms of CPU time in `Optimizer.step` (H200, session 10's profile). One flat tensor makes it
+    one update and one wait. The updates are the same numbers when every adapter fills whole
+    blocks of 8-bit state, so that no block spans two of them (tests/test_loop.py checks it bit for
+    bit); otherwise they stay separate. torch's AdamW needs none of it: it updates all tensors
+    together and never waits. The flat state (16.8M values for Llama-2-7B r=16) is paged by the
+    paged optimizers, as every state tensor of 1e5 values or more is."""
     return (optimizer in ("paged_adamw_8bit", "adamw_8bit") and len(params) > 1
             and all(p.numel() % STATE_BLOCK == 0 and p.numel() >= MIN_8BIT for p in params)
             and len({(p.device, p.dtype) for p in params}) == 1)

@@ -215,7 +215,8 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
     if budget.automatic:  # the least memory there is; it may still fit (the estimate is on the safe side)
         return Choice(smallest.apply(cfg), plans, None,
                       f"nothing fits {budget.limit} ({needs}), so it runs and may run out of memory")
-    planned = (*PLANNED_KEYS, DEQUANTIZED_KEY, *([ROWS_KEY] if len(lengths) > 1 else []))
+    planned = (*PLANNED_KEYS, *([DEQUANTIZED_KEY] if DEQUANTIZED_KEY not in given else []),
+               *([ROWS_KEY] if len(lengths) > 1 else []))
     raise UserError(f"train.memory_budget_gib={budget.gib:g}: no plan fits; {needs}. Also lowers the peak: "
                     f"{peak_lowering_hints(leave_out=planned)}")
 

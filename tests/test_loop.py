@@ -230,12 +230,12 @@ def test_one_flat_tensor_steps_the_8bit_optimizer_as_the_adapters_one_by_one(tin
         assert (state.flat is not None) == flat and len(state.optimizer.param_groups[0]["params"]) == (1 if flat else 16)
         for _ in range(3):
             accumulate_gradients(model, [batch], state.scaler, "fp32", CPU, True, METER)
-            norms.append(optimizer_step(state, 1e9)[0])  # no clipping: its norm is summed in another order
+            norms.append(optimizer_step(state, 1.0)[0])  # clipped: the norm is summed adapter by adapter
         adapters.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
         assert all(p.grad is None for p in model.parameters())
     assert adapters[0].keys() == adapters[1].keys()
     assert all(torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])
-    assert norms[:3] == pytest.approx(norms[3:], rel=1e-5)  # fp32 sums in another order
+    assert norms[:3] == norms[3:] and norms[0] > 1.0
     # r=16 (1,024 weights an adapter, 32-bit states in bitsandbytes) stays one tensor an adapter
     model = tiny_model_factory("fp32")
     assert build_training_state(model, cfg, 10, CPU).flat is None
