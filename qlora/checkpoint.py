@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from qlora.config import Config, resume_safe_keys
 from qlora.distributed import unwrap
 from qlora.errors import UserError
-from qlora.optim import TrainingState
+from qlora.optim import TrainingState, in_layout
 from qlora.shard import WRAPPED
 
 CHECKPOINTS = "checkpoints"
@@ -293,13 +293,10 @@ class Start:
         ckpt = self.checkpoint
         if ckpt is None:
             return
-        try:
-            state.optimizer.load_state_dict(ckpt.optimizer)
-        except ValueError as e:  # per-adapter states into the flat optimizer or back (qlora/optim.py)
-            raise UserError(f"checkpoint {ckpt.path}: its optimizer state does not fit this run's optimizer ({e}): "
-                            f"the 8-bit optimizers step the adapters as one flat tensor except under model.shard, "
-                            f"and before 2026-11-29 never did; resume with the model.shard setting and the "
-                            f"qlora-loop version it was written with") from None
+        try:  # the adapters' states as one flat tensor or one by one, as this run steps them
+            state.optimizer.load_state_dict(in_layout(ckpt.optimizer, state))
+        except ValueError as e:
+            raise UserError(f"checkpoint {ckpt.path}: its optimizer state does not fit this run's optimizer ({e})") from None
         repage_optimizer_state(state.optimizer)
         state.scheduler.load_state_dict(ckpt.state["scheduler"])
         state.scaler.load_state_dict(ckpt.state["scaler"])

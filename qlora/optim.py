@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import bitsandbytes as bnb
 import torch
@@ -112,3 +113,45 @@ def flatten(params: tuple[torch.nn.Parameter, ...]) -> torch.nn.Parameter:
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     """As HF TrainingArguments computes it from warmup_ratio."""
     return math.ceil(total_steps * cfg.warmup_ratio)
+
+
+BNB_STATE = "__bnb_optimizer_quant_state__"
+"""Where bitsandbytes' optimizer state_dict nests a tensor's 8-bit states."""
+VALUES_PER_ENTRY = {"state1": 1, "state2": 1, "absmax1": STATE_BLOCK, "absmax2": STATE_BLOCK}
+"""Adapter weights per entry of each per-weight state tensor (the rest, the codebooks, are shared)."""
+
+
+def in_layout(saved: dict[str, Any], state: TrainingState) -> dict[str, Any]:
+    """An optimizer state_dict written with the adapters as one flat tensor, or one by one (under
+    model.shard, or by a version before the flat optimizer), in the layout of `state`'s optimizer:
+    exact both ways, as no 8-bit block spans two adapters. Anything else comes back as it is (the
+    optimizer's load_state_dict then says what does not fit)."""
+    sizes, now = [p.numel() for p in state.adapters], 1 if state.flat is not None else len(state.adapters)
+    groups = saved["param_groups"]
+    if len(groups) != 1 or sorted({len(groups[0]["params"]), now}) != [1, len(sizes)] or len(sizes) == 1:
+        return saved
+    states = [saved["state"][i] for i in groups[0]["params"]]
+    if any(set(s) != {"step", BNB_STATE} or not set(VALUES_PER_ENTRY) <= set(s[BNB_STATE]) for s in states):
+        return saved  # states that are not all 8-bit: not written by a flattening run's counterpart
+    converted = [_joined(states)] if now == 1 else _split(states[0], state.adapters)
+    return {"state": dict(enumerate(converted)), "param_groups": [{**groups[0], "params": list(range(now))}]}
+
+
+def _joined(states: list[dict[str, Any]]) -> dict[str, Any]:
+    quant = {key: torch.cat([s[BNB_STATE][key].reshape(-1) for s in states]) if key in VALUES_PER_ENTRY else value
+             for key, value in states[0][BNB_STATE].items()}
+    return {"step": states[0]["step"], BNB_STATE: quant}
+
+
+def _split(flat_state: dict[str, Any], adapters: tuple[torch.nn.Parameter, ...]) -> list[dict[str, Any]]:
+    out, offset = [], 0
+    for p in adapters:
+        quant = {}
+        for key, value in flat_state[BNB_STATE].items():
+            per = VALUES_PER_ENTRY.get(key)
+            part = value if per is None else value[offset // per:(offset + p.numel()) // per]
+            quant[key] = part.view_as(p) if per == 1 else part
+        out.append({"step": flat_state["step"], BNB_STATE: quant})
+        offset += p.numel()
+    return out
+

@@ -14,7 +14,7 @@ from qlora.data import IGNORE, Encoded, Example
 from qlora.loop import accumulate_gradients, micro_batch_loss, optimizer_step
 from qlora.memory import MemoryMeter
 from qlora.model import compile_decoder_layers, decoder_layers
-from qlora.optim import build_training_state
+from qlora.optim import build_training_state, in_layout
 
 CPU = torch.device("cpu")
 METER = MemoryMeter(CPU)
@@ -239,6 +239,36 @@ def test_one_flat_tensor_steps_the_8bit_optimizer_as_the_adapters_one_by_one(tin
     # r=16 (1,024 weights an adapter, 32-bit states in bitsandbytes) stays one tensor an adapter
     model = tiny_model_factory("fp32")
     assert build_training_state(model, cfg, 10, CPU).flat is None
+
+
+@pytest.mark.parametrize("flat_first", [True, False])
+def test_an_optimizer_state_moves_between_the_flat_and_the_per_adapter_layout_exactly(tiny_model_factory, flat_first):
+    """A checkpoint's optimizer state, written flat (one tensor) or per adapter (model.shard, or
+    before the flat optimizer), resumes in the other layout (qlora/optim.py, in_layout): two more
+    steps there leave the adapters bit for bit as two more steps in the writing layout."""
+    cfg = TrainConfig(output_dir="x", optimizer="paged_adamw_8bit", lr=1e-2, warmup_ratio=0.0, precision="fp32")
+    batch = collate(make_rows([20, 15], [4, 4]), 0)
+
+    def steps(model, state, n):
+        for _ in range(n):
+            accumulate_gradients(model, [batch], state.scaler, "fp32", CPU, True, METER)
+            optimizer_step(state, 1.0)
+
+    writer = tiny_model_factory("fp32", r=64)
+    written = build_training_state(writer, cfg, 10, CPU, flat=flat_first)
+    steps(writer, written, 2)
+    reader = tiny_model_factory("fp32", r=64)
+    resumed = build_training_state(reader, cfg, 10, CPU, flat=not flat_first)
+    for mine, theirs in zip(resumed.adapters, written.adapters):
+        mine.data.copy_(theirs.data)
+    saved = written.optimizer.state_dict()
+    with pytest.raises(ValueError):  # the layouts differ
+        resumed.optimizer.load_state_dict(saved)
+    resumed.optimizer.load_state_dict(in_layout(saved, resumed))
+    resumed.scheduler.load_state_dict(written.scheduler.state_dict())
+    steps(writer, written, 2)
+    steps(reader, resumed, 2)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.adapters, written.adapters))
 
 
 def test_schedule_warmup_then_cosine_to_zero():
