@@ -150,15 +150,15 @@ def loss_and_grads(families, name, batch, cache, attn, logits_only=True, precisi
 def test_each_lever_keeps_the_loss_and_gradient_or_is_refused(families, name, tmp_path):
     """Rows longer than the toy sliding windows (48 tokens): packed rows under varlen attention
     (the window honoured per example), logits at supervised positions only (Gemma-2's final
-    soft-capping applied), fewer recomputed layers, compiled layers (each family's own decoder
-    layer); bf16 norms within bf16 rounding."""
+    soft-capping applied), fewer recomputed layers, a dequantized layer, compiled layers (each
+    family's own decoder layer); bf16 norms within bf16 rounding."""
     prompter = prompter_of(families, name)
     rows = [r for r in (encode_example(e, prompter, 320) for e in load_examples(str(FIXTURE))[:3]) if r]
     assert min(len(r.input_ids) for r in rows) > 48
     padded, packed = collate(rows, prompter.tokenizer.pad_token_id), collate_packed(rows)
     attn = ATTENTION.get(name, "sdpa")
     reference = loss_and_grads(families, name, padded, tmp_path, attn, logits_only=False)
-    variants = [(packed, attn, {}), (padded, attn, {"recompute_layers": 0})]
+    variants = [(packed, attn, {}), (padded, attn, {"recompute_layers": 0}), (padded, attn, {"dequantized_layers": 1})]
     if FAMILIES[name].model_type != "llama":  # Llama's compiled layer: tests/test_loop.py
         variants.append((packed, attn, {"compile_layers": True}))
     if attn == "eager":
