@@ -143,8 +143,9 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[dict[str, torch.T
 
 
 def optimizer_step(state: TrainingState, max_grad_norm: float) -> tuple[float, bool]:
-    """Unscale -> clip -> step -> update -> schedule -> zero. Returns (grad norm before clipping,
-    whether GradScaler skipped the step because a gradient was inf/nan)."""
+    """Collect (the flat tensor's gradients, qlora/optim.py) -> unscale -> clip -> step -> update
+    -> schedule -> zero. Returns (grad norm before clipping, whether GradScaler skipped the step
+    because a gradient was inf/nan)."""
     scaler = state.scaler
     state.collect_gradients()  # into the flat tensor the optimizer steps, where there is one
     scaler.unscale_(state.optimizer)  # grads back to true scale, so clipping sees real norms

@@ -169,6 +169,9 @@ class DequantizedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
+
 
 def dequantize_first_layers(model: torch.nn.Module, n: int) -> None:
     """Swap the 4-bit base of every adapted and plain linear layer in the first n decoder layers

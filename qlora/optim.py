@@ -130,11 +130,14 @@ def in_layout(saved: dict[str, Any], state: TrainingState) -> dict[str, Any]:
     groups = saved["param_groups"]
     if len(groups) != 1 or sorted({len(groups[0]["params"]), now}) != [1, len(sizes)] or len(sizes) == 1:
         return saved
-    states = [saved["state"][i] for i in groups[0]["params"]]
+    group = {**groups[0], "params": list(range(now))}
+    if not saved["state"]:  # written before any optimizer step was taken (GradScaler skipped them all)
+        return {"state": {}, "param_groups": [group]}
+    states = [saved["state"].get(i, {}) for i in groups[0]["params"]]
     if any(set(s) != {"step", BNB_STATE} or not set(VALUES_PER_ENTRY) <= set(s[BNB_STATE]) for s in states):
         return saved  # states that are not all 8-bit: not written by a flattening run's counterpart
     converted = [_joined(states)] if now == 1 else _split(states[0], state.adapters)
-    return {"state": dict(enumerate(converted)), "param_groups": [{**groups[0], "params": list(range(now))}]}
+    return {"state": dict(enumerate(converted)), "param_groups": [group]}
 
 
 def _joined(states: list[dict[str, Any]]) -> dict[str, Any]:
