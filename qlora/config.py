@@ -232,10 +232,18 @@ def resume_safe_keys() -> set[str]:
     return {name for name, f in key_fields().items() if f.metadata["resume_safe"]}
 
 
-def peak_lowering_hints(leave_out: tuple[str, ...] = ()) -> str:
-    """The keys that lower the memory peak and which way to turn them, as one line."""
+def peak_lowering_hints(leave_out: tuple[str, ...] = (), cfg: Config | None = None) -> str:
+    """The keys that lower the memory peak and which way to turn them, as one line; with `cfg`,
+    not the ones it has already turned that way."""
     return ", ".join(_lowering(name, f.metadata["lowers_peak"]) for name, f in key_fields().items()
-                     if f.metadata["lowers_peak"] and name not in leave_out)
+                     if f.metadata["lowers_peak"] and name not in leave_out
+                     and not (cfg is not None and _already_set(cfg, name, f.metadata["lowers_peak"])))
+
+
+def _already_set(cfg: Config, name: str, hint: str) -> bool:
+    """`cfg` has the value an "=value" hint names ("=null (every layer)": null)."""
+    section, key = name.split(".")
+    return hint.startswith("=") and _yaml(getattr(getattr(cfg, section), key)) == hint[1:].split(" ")[0]
 
 
 def _lowering(name: str, hint: str) -> str:
@@ -248,14 +256,18 @@ def describe_keys() -> str:
     lines = []
     for name, f in key_fields().items():
         value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        default = ("(required)" if value is _REQUIRED else
-                   yaml.safe_dump(_plain(value), default_flow_style=True).removesuffix("...\n").strip())
+        default = "(required)" if value is _REQUIRED else _yaml(value)
         flags = [flag for flag, on in (("may change on resume", f.metadata["resume_safe"]),
                                        ("lowers the peak: " + _lowering(name, f.metadata["lowers_peak"] or ""),
                                         f.metadata["lowers_peak"])) if on]
         lines.append(f"{name}: {default}" + (f"  [{'; '.join(flags)}]" if flags else ""))
         lines.append(f"    {f.metadata['doc']}")
     return "\n".join(lines)
+
+
+def _yaml(value: Any) -> str:
+    """A value as a config file writes it: true, null, [q_proj, v_proj]."""
+    return yaml.safe_dump(_plain(value), default_flow_style=True).removesuffix("...\n").strip()
 
 
 def _plain(value: Any) -> Any:

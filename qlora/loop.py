@@ -273,7 +273,7 @@ def fit(model: torch.nn.Module, order: DataOrder, state: TrainingState, settings
             try:
                 record = timed_step(model, order, state, settings, device, step, totals, meter)
             except torch.OutOfMemoryError:
-                raise OutOfMemory(oom_report(step, device)) from None
+                raise OutOfMemory(oom_report(step, device, saving.config)) from None
             write_record(record, metrics, world)
             speeds.append(record["tokens_per_s"])
             step_peak = step_peak_gib(record["mem"])
@@ -326,11 +326,12 @@ def peak_postfix(record: dict[str, Any], peak: float | None) -> dict[str, str]:
     return {"rss": f"{record['mem']['rss_gib']:.2f}G"} if peak is None else {"peak": f"{peak:.2f}G"}
 
 
-def oom_report(step: int, device: torch.device) -> str:
-    """What a user needs after an OOM: where memory stood, and which keys lower the peak."""
+def oom_report(step: int, device: torch.device, cfg: Config) -> str:
+    """What a user needs after an OOM: where memory stood, and which keys lower the peak (those
+    the run's config has not already turned)."""
     where = "CUDA out of memory" if device.type == "cuda" else "out of memory"
     return (f"{where} in step {step}: {memory_line(device)}; checkpoints already written are intact; "
-            f"to lower the peak: {peak_lowering_hints()}")
+            f"to lower the peak: {peak_lowering_hints(cfg=cfg)}")
 
 
 def timed_step(model: torch.nn.Module, order: DataOrder, state: TrainingState, settings: StepSettings,

@@ -218,7 +218,7 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
     planned = (*PLANNED_KEYS, *([DEQUANTIZED_KEY] if DEQUANTIZED_KEY not in given else []),
                *([ROWS_KEY] if len(lengths) > 1 else []))
     raise UserError(f"train.memory_budget_gib={budget.gib:g}: no plan fits; {needs}. Also lowers the peak: "
-                    f"{peak_lowering_hints(leave_out=planned)}")
+                    f"{peak_lowering_hints(leave_out=planned, cfg=cfg)}")
 
 
 def with_dequantized(plan: Plan, cfg: Config, hf_config: Any, seq: int, ranks: int, budget: Budget) -> Plan:

@@ -99,6 +99,12 @@ def test_each_key_carries_its_facts():
     assert not {"lora.r", "train.lr", "data.max_length", "train.seed", "data.group_by_length"} & safe
     hints = peak_lowering_hints()
     assert "train.batch_size lower" in hints and "model.recompute_activations=true" in hints
+    # a config's own settings: only the keys it has not already turned
+    shipped = load_config(ROOT / "configs" / "llama2-7b-korquad.yaml", ["model.dequantized_layers=4"])
+    turned = peak_lowering_hints(cfg=shipped)
+    assert "train.batch_size lower" in turned and "model.dequantized_layers=0" in turned
+    assert not any(f"{k}=" in turned for k in ("model.recompute_activations", "model.recompute_layers",
+                                                 "model.upcast_non_quantized", "train.optimizer"))
     listing = subprocess.run([sys.executable, "-m", "qlora.config"], cwd=ROOT, capture_output=True, text=True,
                              timeout=60).stdout
     assert all(f"{name}:" in listing for name in fields)
