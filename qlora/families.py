@@ -53,7 +53,7 @@ FAMILIES = {
     "gemma2": Family(("google/gemma-2-9b-it", "google/gemma-2-2b-it"), "gemma2", "gemma", "gemma-2.jinja",
                      (("sliding_window", 48), ("query_pre_attn_scalar", 24), ("attn_logit_softcapping", 50.0),
                       ("final_logit_softcapping", 30.0))),
-    "gemma3": Family(("google/gemma-3-1b-it",), "gemma3_text", "gemma", "gemma-2.jinja",
+    "gemma3": Family(("google/gemma-3-1b-it",), "gemma3_text", "gemma", "gemma-3.jinja",
                      (("sliding_window", 48), ("query_pre_attn_scalar", 24),
                       ("layer_types", ["sliding_attention", "full_attention"]))),
 }
