@@ -295,8 +295,10 @@ class Start:
             return
         try:  # the adapters' states as one flat tensor or one by one, as this run steps them
             state.optimizer.load_state_dict(in_layout(ckpt.optimizer, state))
-        except ValueError as e:
-            raise UserError(f"checkpoint {ckpt.path}: its optimizer state does not fit this run's optimizer ({e})") from None
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"checkpoint {ckpt.path}: its optimizer state does not fit this run's optimizer "
+                            f"({str(e).splitlines()[0]}); resume with the train.optimizer, lora.* and "
+                            f"model.shard settings it was written with") from None
         repage_optimizer_state(state.optimizer)
         state.scheduler.load_state_dict(ckpt.state["scheduler"])
         state.scaler.load_state_dict(ckpt.state["scaler"])

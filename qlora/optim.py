@@ -115,20 +115,21 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     return math.ceil(total_steps * cfg.warmup_ratio)
 
 
-BNB_STATE = "__bnb_optimizer_quant_state__"
+BNB_STATE = bnb.optim.optimizer.Optimizer8bit._FSDP_WRAPPED_QUANT_STATE_KEY
 """Where bitsandbytes' optimizer state_dict nests a tensor's 8-bit states."""
 VALUES_PER_ENTRY = {"state1": 1, "state2": 1, "absmax1": STATE_BLOCK, "absmax2": STATE_BLOCK}
 """Adapter weights per entry of each per-weight state tensor (the rest, the codebooks, are shared)."""
 
 
 def in_layout(saved: dict[str, Any], state: TrainingState) -> dict[str, Any]:
-    """An optimizer state_dict written with the adapters as one flat tensor, or one by one (under
-    model.shard, or by a version before the flat optimizer), in the layout of `state`'s optimizer:
-    exact both ways, as no 8-bit block spans two adapters. Anything else comes back as it is (the
-    optimizer's load_state_dict then says what does not fit)."""
-    sizes, now = [p.numel() for p in state.adapters], 1 if state.flat is not None else len(state.adapters)
-    groups = saved["param_groups"]
-    if len(groups) != 1 or sorted({len(groups[0]["params"]), now}) != [1, len(sizes)] or len(sizes) == 1:
+    """An optimizer state_dict as a checkpoint holds it (loaded onto this run's device), written with
+    the adapters as one flat tensor or one by one (under model.shard, or by a version before the
+    flat optimizer), in the layout of `state`'s optimizer: exact both ways, as no 8-bit block spans
+    two adapters. Raises ValueError where the states cannot be the adapters' (other sizes, or steps
+    that differ); anything else comes back as it is (the optimizer's load_state_dict then says what
+    does not fit)."""
+    now, groups = 1 if state.flat is not None else len(state.adapters), saved["param_groups"]
+    if len(groups) != 1 or sorted({len(groups[0]["params"]), now}) != [1, len(state.adapters)]:
         return saved
     group = {**groups[0], "params": list(range(now))}
     if not saved["state"]:  # written before any optimizer step was taken (GradScaler skipped them all)
@@ -136,6 +137,12 @@ def in_layout(saved: dict[str, Any], state: TrainingState) -> dict[str, Any]:
     states = [saved["state"].get(i, {}) for i in groups[0]["params"]]
     if any(set(s) != {"step", BNB_STATE} or not set(VALUES_PER_ENTRY) <= set(s[BNB_STATE]) for s in states):
         return saved  # states that are not all 8-bit: not written by a flattening run's counterpart
+    sizes = [p.numel() for p in state.adapters]
+    if [s[BNB_STATE]["state1"].numel() for s in states] not in ([sum(sizes)], sizes):
+        raise ValueError("its 8-bit states are not the sizes of this run's adapters")
+    if len({s["step"] for s in states}) > 1:
+        raise ValueError("its adapters took different numbers of steps (one with no gradient was skipped), "
+                         "so they cannot be stepped as one tensor")
     converted = [_joined(states)] if now == 1 else _split(states[0], state.adapters)
     return {"state": dict(enumerate(converted)), "param_groups": [group]}
 
@@ -147,14 +154,14 @@ def _joined(states: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _split(flat_state: dict[str, Any], adapters: tuple[torch.nn.Parameter, ...]) -> list[dict[str, Any]]:
+    """Copies, not views: a view would keep the whole flat buffer alive beside every adapter's."""
     out, offset = [], 0
     for p in adapters:
         quant = {}
         for key, value in flat_state[BNB_STATE].items():
             per = VALUES_PER_ENTRY.get(key)
-            part = value if per is None else value[offset // per:(offset + p.numel()) // per]
+            part = value if per is None else value[offset // per:(offset + p.numel()) // per].clone()
             quant[key] = part.view_as(p) if per == 1 else part
         out.append({"step": flat_state["step"], BNB_STATE: quant})
         offset += p.numel()
     return out
-

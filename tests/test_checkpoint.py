@@ -224,3 +224,29 @@ def test_peft_layout_is_peft_s_own(tiny_model_factory):
     model = tiny_model_factory("fp32", dropout=0.05)
     ours, peft_s = peft_layout(trainable_weights(model)), get_peft_model_state_dict(model)
     assert list(ours) == list(peft_s) and all(torch.equal(ours[k], peft_s[k]) for k in peft_s)
+
+
+def test_a_flat_optimizer_checkpoint_resumes_into_per_adapter_states(unbroken, cache):
+    """The reference run's checkpoint (its adapters' 8-bit states one flat tensor) restored through
+    its files and Start.restore into an optimizer that steps the adapters one by one, model.shard's
+    layout: each adapter's states are its slice of the flat ones, each in its own memory."""
+    from qlora.checkpoint import Start, load_checkpoint
+    from qlora.config import load_config
+    from qlora.model import build_model
+    from qlora.optim import BNB_STATE, build_training_state
+
+    cpu = torch.device("cpu")
+    ckpt = load_checkpoint(list_checkpoints(unbroken)[0], cpu)
+    (flat,) = ckpt.optimizer["state"].values()
+    saved = {key: flat[BNB_STATE][key].clone() for key in ("state1", "state2", "absmax1", "absmax2")}
+    cfg = load_config(TINY_YAML, [*COMMON, f"model.random_init_cache={cache}"])
+    model = build_model(cfg.model, cfg.lora, cfg.train.precision, cpu, cfg.train.seed)
+    start = Start.from_checkpoint(ckpt)
+    start.restore_adapter(model)
+    state = build_training_state(model, cfg.train, 12, cpu, flat=False)
+    start.restore(model, state)
+    per_adapter = [state.optimizer.state[p] for p in state.adapters]
+    for key, value in saved.items():
+        assert torch.equal(torch.cat([s[key].reshape(-1) for s in per_adapter]), value.reshape(-1))
+    assert all(s["state1"].shape == p.shape and s["step"] == 4 for s, p in zip(per_adapter, state.adapters))
+    assert len({s["state1"].untyped_storage().data_ptr() for s in per_adapter}) == len(per_adapter)
