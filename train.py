@@ -137,6 +137,7 @@ def run(args: argparse.Namespace) -> None:
     run_dir = open_run_dir(cfg, start) if world.is_main else Path(t.output_dir)
     distributed.barrier(world)
     start.restore(trained, state)
+    start = start.released()  # memory: the checkpoint's copies of the adapter and optimizer states
 
     # 6. loop
     if args.memory_snapshot and device.type != "cuda":

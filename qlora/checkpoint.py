@@ -18,6 +18,7 @@ checked against the SHA-256 in meta.json first.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -303,6 +304,13 @@ class Start:
         state.scheduler.load_state_dict(ckpt.state["scheduler"])
         state.scaler.load_state_dict(ckpt.state["scaler"])
         set_rng_state(ckpt.state["rng"])
+
+    def released(self) -> "Start":
+        """This start without the checkpoint's tensors, once restored: the model and the optimizer
+        hold copies of them, and on the GPU they would otherwise stay allocated for the whole run."""
+        if self.checkpoint is None:
+            return self
+        return dataclasses.replace(self, checkpoint=dataclasses.replace(self.checkpoint, adapter={}, optimizer={}))
 
 
 def repage_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

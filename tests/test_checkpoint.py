@@ -250,3 +250,5 @@ def test_a_flat_optimizer_checkpoint_resumes_into_per_adapter_states(unbroken, c
         assert torch.equal(torch.cat([s[key].reshape(-1) for s in per_adapter]), value.reshape(-1))
     assert all(s["state1"].shape == p.shape and s["step"] == 4 for s, p in zip(per_adapter, state.adapters))
     assert len({s["state1"].untyped_storage().data_ptr() for s in per_adapter}) == len(per_adapter)
+    released = start.released()  # what train.py keeps for the loop: no second copy of the states
+    assert (released.step, released.checkpoint.adapter, released.checkpoint.optimizer) == (4, {}, {})
