@@ -21,6 +21,7 @@ import atexit
 import inspect
 import os
 from collections import Counter
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, ContextManager
@@ -143,12 +144,13 @@ def sum_adapter_gradients(model: torch.nn.Module) -> None:
         work.wait()
 
 
-def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> float:
-    """Clip `grads` to `max_norm` in total, in place, as torch.nn.utils.clip_grad_norm_ does;
-    returns the norm before (a sync point). After the ranks' sum the gradients are the same on
-    every rank."""
-    total = torch.nn.utils.get_total_norm(grads)
-    torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+def clip_grad_norm(params: Sequence[torch.Tensor], per_adapter: list[torch.Tensor], max_norm: float) -> float:
+    """Clip the gradients of `params` (what the optimizer steps) to `max_norm` in total, the norm
+    summed over `per_adapter` (the same gradients, one tensor an adapter: one flat tensor's norm
+    would be summed in another order); returns the norm before (a sync point). After the ranks'
+    sum the gradients are the same on every rank."""
+    total = torch.nn.utils.get_total_norm(per_adapter)
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return float(total)
 
 

@@ -149,7 +149,7 @@ def optimizer_step(state: TrainingState, max_grad_norm: float) -> tuple[float, b
     scaler = state.scaler
     state.collect_gradients()  # into the flat tensor the optimizer steps, where there is one
     scaler.unscale_(state.optimizer)  # grads back to true scale, so clipping sees real norms
-    grad_norm = clip_grad_norm(state.gradients(), max_grad_norm)  # sync point
+    grad_norm = clip_grad_norm(state.stepped, state.gradients(), max_grad_norm)  # sync point
     scale_before = scaler.get_scale()
     scaler.step(state.optimizer)  # no-op when unscale_ found inf/nan
     scaler.update()  # halves the scale after a skip, grows it after enough good steps

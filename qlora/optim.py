@@ -54,6 +54,11 @@ class TrainingState:
                             f"used in the forward (check lora.target_modules)")
         self.flat.grad = torch.cat([p.grad.reshape(-1) for p in self.adapters])
 
+    @property
+    def stepped(self) -> tuple[torch.nn.Parameter, ...]:
+        """What the optimizer steps: the flat tensor, or the adapters one by one."""
+        return self.adapters if self.flat is None else (self.flat,)
+
     def gradients(self) -> list[torch.Tensor]:
         """The optimizer's gradients one tensor an adapter (views into the flat one's), so that
         clipping sums the norm as it does over separate adapters."""
@@ -62,10 +67,12 @@ class TrainingState:
         return list(self.flat.grad.split([p.numel() for p in self.adapters]))
 
     def zero_grad(self) -> None:
-        """Frees the gradients (set to None, not zeroed) until the next backward."""
+        """Frees the gradients (set to None, not zeroed) until the next backward: the optimizer's,
+        and the adapters' own where the flat tensor's are a copy of them."""
         self.optimizer.zero_grad(set_to_none=True)
-        for p in self.adapters:
-            p.grad = None
+        if self.flat is not None:
+            for p in self.adapters:
+                p.grad = None
 
 
 def build_training_state(model: torch.nn.Module, cfg: TrainConfig, total_steps: int,
@@ -75,8 +82,8 @@ def build_training_state(model: torch.nn.Module, cfg: TrainConfig, total_steps: 
     cfg.precision."""
     params = tuple(p for p in model.parameters() if p.requires_grad)
     flat_param = flatten(params) if flat and flattens_exactly(cfg.optimizer, params) else None
-    optimizer = OPTIMIZERS[cfg.optimizer]([flat_param] if flat_param is not None else list(params),
-                                          lr=cfg.lr, weight_decay=cfg.weight_decay)
+    stepped = params if flat_param is None else (flat_param,)
+    optimizer = OPTIMIZERS[cfg.optimizer](list(stepped), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(cfg, total_steps), total_steps)
     # Loss scaling is needed only for fp16 (its range underflows small gradients); disabled, the
     # scaler's calls pass through, so the step code is the same for every precision.
@@ -93,7 +100,7 @@ def flattens_exactly(optimizer: str, params: tuple[torch.nn.Parameter, ...]) -> 
     bit); otherwise they stay separate. torch's AdamW needs none of it: it updates all tensors
     together and never waits. The flat state (16.8M values for Llama-2-7B r=16) is paged by the
     paged optimizers, as every state tensor of 1e5 values or more is."""
-    return (optimizer in ("paged_adamw_8bit", "adamw_8bit") and len(params) > 1
+    return (issubclass(OPTIMIZERS[optimizer], bnb.optim.optimizer.Optimizer8bit) and len(params) > 1
             and all(p.numel() % STATE_BLOCK == 0 and p.numel() >= MIN_8BIT for p in params)
             and len({(p.device, p.dtype) for p in params}) == 1)
 

@@ -217,20 +217,29 @@ def test_fp16_gradscaler_skips_a_step_on_inf(tiny_model_factory):
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
+EIGHT_BIT = TrainConfig(output_dir="x", optimizer="paged_adamw_8bit", lr=1e-2, warmup_ratio=0.0, precision="fp32")
+
+
+def take_steps(model, state, n):
+    """n optimizer steps of one fixed batch; their gradient norms."""
+    batch = collate(make_rows([20, 15], [4, 4]), 0)
+    norms = []
+    for _ in range(n):
+        accumulate_gradients(model, [batch], state.scaler, "fp32", CPU, True, METER)
+        norms.append(optimizer_step(state, 1.0)[0])
+    return norms
+
+
 def test_one_flat_tensor_steps_the_8bit_optimizer_as_the_adapters_one_by_one(tiny_model_factory):
     """r=64 on the tiny model: each adapter holds 4,096 weights, whole blocks of 8-bit state, so
     the optimizer steps one flat tensor (qlora/optim.py). Three steps leave the adapters as
     stepping them one by one does, bit for bit."""
-    cfg = TrainConfig(output_dir="x", optimizer="paged_adamw_8bit", lr=1e-2, warmup_ratio=0.0, precision="fp32")
-    batch = collate(make_rows([20, 15], [4, 4]), 0)
     adapters, norms = [], []
     for flat in (True, False):
         model = tiny_model_factory("fp32", r=64)
-        state = build_training_state(model, cfg, 10, CPU, flat=flat)
+        state = build_training_state(model, EIGHT_BIT, 10, CPU, flat=flat)
         assert (state.flat is not None) == flat and len(state.optimizer.param_groups[0]["params"]) == (1 if flat else 16)
-        for _ in range(3):
-            accumulate_gradients(model, [batch], state.scaler, "fp32", CPU, True, METER)
-            norms.append(optimizer_step(state, 1.0)[0])  # clipped: the norm is summed adapter by adapter
+        norms += take_steps(model, state, 3)  # clipped: the norm is summed adapter by adapter
         adapters.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
         assert all(p.grad is None for p in model.parameters())
     assert adapters[0].keys() == adapters[1].keys()
@@ -238,7 +247,7 @@ def test_one_flat_tensor_steps_the_8bit_optimizer_as_the_adapters_one_by_one(tin
     assert norms[:3] == norms[3:] and norms[0] > 1.0
     # r=16 (1,024 weights an adapter, 32-bit states in bitsandbytes) stays one tensor an adapter
     model = tiny_model_factory("fp32")
-    assert build_training_state(model, cfg, 10, CPU).flat is None
+    assert build_training_state(model, EIGHT_BIT, 10, CPU).flat is None
 
 
 @pytest.mark.parametrize("flat_first", [True, False])
@@ -246,20 +255,12 @@ def test_an_optimizer_state_moves_between_the_flat_and_the_per_adapter_layout_ex
     """A checkpoint's optimizer state, written flat (one tensor) or per adapter (model.shard, or
     before the flat optimizer), resumes in the other layout (qlora/optim.py, in_layout): two more
     steps there leave the adapters bit for bit as two more steps in the writing layout."""
-    cfg = TrainConfig(output_dir="x", optimizer="paged_adamw_8bit", lr=1e-2, warmup_ratio=0.0, precision="fp32")
-    batch = collate(make_rows([20, 15], [4, 4]), 0)
-
-    def steps(model, state, n):
-        for _ in range(n):
-            accumulate_gradients(model, [batch], state.scaler, "fp32", CPU, True, METER)
-            optimizer_step(state, 1.0)
-
     writer = tiny_model_factory("fp32", r=64)
-    written = build_training_state(writer, cfg, 10, CPU, flat=flat_first)
+    written = build_training_state(writer, EIGHT_BIT, 10, CPU, flat=flat_first)
     reader = tiny_model_factory("fp32", r=64)
-    resumed = build_training_state(reader, cfg, 10, CPU, flat=not flat_first)
+    resumed = build_training_state(reader, EIGHT_BIT, 10, CPU, flat=not flat_first)
     resumed.optimizer.load_state_dict(in_layout(written.optimizer.state_dict(), resumed))  # before any step
-    steps(writer, written, 2)
+    take_steps(writer, written, 2)
     for mine, theirs in zip(resumed.adapters, written.adapters):
         mine.data.copy_(theirs.data)
     saved = written.optimizer.state_dict()
@@ -267,8 +268,8 @@ def test_an_optimizer_state_moves_between_the_flat_and_the_per_adapter_layout_ex
         resumed.optimizer.load_state_dict(saved)
     resumed.optimizer.load_state_dict(in_layout(saved, resumed))
     resumed.scheduler.load_state_dict(written.scheduler.state_dict())
-    steps(writer, written, 2)
-    steps(reader, resumed, 2)
+    take_steps(writer, written, 2)
+    take_steps(reader, resumed, 2)
     assert all(torch.equal(a, b) for a, b in zip(resumed.adapters, written.adapters))
 
 
