@@ -67,6 +67,13 @@ class ModelConfig:
                "autograd's backward, and needs inputs that require grad) instead of the non-reentrant one; "
                "the same gradient (tests/test_loop.py). For comparing the two under FSDP, where bitsandbytes "
                "reports them behaving differently (bitsandbytes issue 1252).", resume_safe=True)
+    offload_layers: int = key(
+        0, "N of the recomputing layers (spread among them) instead copy what their forward saves to pinned "
+           "host memory, and back before their backward (qlora/offload.py): no recompute and the same numbers "
+           "as a layer that keeps its activations, for host<->GPU copies that overlap the compute of the "
+           "layers in between (and N layers' activations of pinned host memory). Fast while the copies keep "
+           "up with the compute: few offloaded layers between recomputing ones.",
+        resume_safe=True, lowers_peak="=0")
     compile_layers: bool = key(
         False, "torch.compile each decoder layer (dynamic shapes): fuses the norms, rotary embedding, LoRA "
                "scaling and activation that otherwise run as dozens of memory-bound kernels. The first "
@@ -444,6 +451,10 @@ def check_values(cfg: Config) -> list[str]:
         (d.max_length >= 16, "data.max_length: must be >= 16"),
         (m.recompute_layers is None or m.recompute_layers >= 0, "model.recompute_layers: must be >= 0 or null"),
         (m.dequantized_layers >= 0, "model.dequantized_layers: must be >= 0"),
+        (m.offload_layers >= 0, "model.offload_layers: must be >= 0"),
+        (m.offload_layers == 0 or m.recompute_activations,
+         "model.offload_layers: offloads some of the recomputing layers; needs model.recompute_activations=true"),
+        (not m.shard or m.offload_layers == 0, "model.shard=true: needs model.offload_layers=0 (not tried under FSDP)"),
         (not m.shard or m.dequantized_layers == 0,
          "model.shard=true: needs model.dequantized_layers=0 (FSDP shards the 4-bit weights)"),
         (m.attn_implementation != "varlen" or t.precision != "fp32" or t.device == "cpu",

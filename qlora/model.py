@@ -23,6 +23,7 @@ from qlora.attention import register as register_varlen
 from qlora.config import LoraConfig, ModelConfig
 from qlora.errors import UserError
 from qlora.families import refusals
+from qlora.offload import ActivationOffload, offloaded_layers
 from qlora.weights import cached_4bit_copy, cached_random_model
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -101,7 +102,7 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torc
 
 def apply_levers(model: PeftModel, cfg: ModelConfig, precision: str) -> None:
     """The config's speed and memory levers on a built model: attention kernel, which layers
-    recompute, dequantized layers, compute-dtype norms, compiled layers. build_model calls it once;
+    recompute, dequantized layers, compute-dtype norms, offloaded layers, compiled layers. build_model calls it once;
     bench/compare_trl.py calls it again on one loaded model as it turns the levers on one after
     another. Dequantized layers, compute-dtype norms and compiled layers are one-way."""
     prepare_attention(cfg)
@@ -114,6 +115,8 @@ def apply_levers(model: PeftModel, cfg: ModelConfig, precision: str) -> None:
     dequantize_first_layers(model, cfg.dequantized_layers)
     if not cfg.upcast_non_quantized:
         cast_frozen_fp32(model, DTYPES[precision])
+    if cfg.recompute_activations:  # after the casts and swaps: it records where the frozen weights live
+        offload_some_layers(model, cfg.offload_layers)
     if cfg.compile_layers:
         compile_decoder_layers(model)
 
@@ -151,6 +154,25 @@ def recompute_first_layers(model: torch.nn.Module, n: int | None) -> None:
     skip the recompute (spare memory bought back as speed)."""
     for i, layer in enumerate(decoder_layers(model)):
         layer.gradient_checkpointing = n is None or i < n
+
+
+def offload_some_layers(model: torch.nn.Module, n: int) -> ActivationOffload | None:
+    """Make n of the recomputing layers offload their activations instead (qlora/offload.py). Every
+    layer then runs through the offload's call, whose hooks start the copies back in the backward."""
+    if n == 0:
+        return None
+    layers = decoder_layers(model)
+    recomputed = sum(layer.gradient_checkpointing for layer in layers)  # the first ones
+    offload = ActivationOffload(model, offloaded_layers(recomputed, n), next(model.parameters()).device)
+    for i, layer in enumerate(layers):
+        inner = layer._gradient_checkpointing_func if layer.gradient_checkpointing else call_directly
+        layer.gradient_checkpointing = True  # GradientCheckpointingLayer.__call__ runs the function below
+        layer._gradient_checkpointing_func = offload.call(i, inner)
+    return offload
+
+
+def call_directly(forward: Callable[..., Any], *args: Any) -> Any:
+    return forward(*args)
 
 
 class DequantizedLinear(torch.nn.Module):

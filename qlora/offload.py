@@ -1,0 +1,165 @@
+"""Activation offloading (model.offload_layers): some of the layers that would recompute their
+activations instead send what their forward saves for the backward to pinned host memory, and
+bring it back, ahead of time, for their backward. No recompute, so the same numbers as a layer that
+keeps its activations (the same dropout draws too); the cost is host<->GPU copies, which run on a
+side CUDA stream while the GPU computes the layers in between.
+
+How a step flows, for an offloaded layer j:
+- forward: every tensor the layer's autograd graph saves passes through `pack` (torch's
+  saved-tensor hooks); activations of at least MIN_BYTES are copied to pinned host memory on the
+  copy stream, and the GPU tensor is released once its copy is done (frozen weights, small tensors
+  and tensors that are not one dense block stay where they are);
+- backward: when the backward reaches layer j + LEAD (or any layer in between), the hook on that
+  layer's output starts copying layer j's tensors back (`prefetch`), so they are on the GPU when
+  layer j's backward unpacks them.
+
+Every decoder layer runs through `ActivationOffload.call` (its GradientCheckpointingLayer's
+`_gradient_checkpointing_func`), so the layers above an offloaded one can start its copies back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+MIN_BYTES = 1 << 20
+"""Smaller saved tensors (norm statistics, LoRA's rank-r intermediates) stay on the GPU: their copies
+would cost more launches than the memory is worth."""
+LEAD = 2
+"""The backward of layer j + LEAD starts bringing layer j's tensors back: two layers' backward to
+hide the copy in, and at most LEAD layers' tensors back on the GPU early."""
+
+
+@dataclass
+class Offloaded:
+    """One saved tensor of an offloaded layer: its host copy, and its GPU copy once prefetched."""
+    layer: int
+    host: torch.Tensor
+    ready: torch.cuda.Event | None
+    """On CUDA: recorded on the copy stream after the copy that `ready` belongs to (host or back)."""
+    back: torch.Tensor | None = None
+
+
+def offloaded_layers(recomputed: int, n: int) -> list[int]:
+    """Which of the first `recomputed` layers offload instead: n of them, evenly spread, so that
+    each offloaded layer's copies overlap the compute of the recomputed layers around it."""
+    n = min(n, recomputed)
+    return sorted({int((k + 0.5) * recomputed / n) for k in range(n)})
+
+
+def frozen_storages(model: torch.nn.Module) -> set[int]:
+    """Data pointers of the model's own tensors (weights, buffers, 4-bit quantization states): a
+    layer's graph saves them too (as views), and they are not activations to copy."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        while state is not None:
+            tensors += [t for t in vars(state).values() if isinstance(t, torch.Tensor)]
+            state = getattr(state, "state2", None)
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+class ActivationOffload:
+    """The saved-tensor hooks and copy bookkeeping for the offloaded layers of one model."""
+
+    def __init__(self, model: torch.nn.Module, offloaded: list[int], device: torch.device):
+        self.offloaded, self.device = sorted(offloaded), device
+        self.frozen = frozen_storages(model)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.saved: dict[int, list[Offloaded]] = {}
+        self.in_flight: list[tuple[int, torch.Tensor, torch.cuda.Event]] = []
+        """GPU tensors whose copy to the host is not known to be done: (layer, tensor, copy done)."""
+        self.copied_bytes = 0
+        """Bytes copied to the host by the latest forward (the memory audit prints it)."""
+
+    def call(self, index: int, inner: Callable[..., Any]) -> Callable[..., Any]:
+        """The function layer `index` runs its forward through: `inner` (recompute, or a plain
+        call) or, for an offloaded layer, the call under the offloading hooks; then the hook that
+        starts the prefetch of the offloaded layers below it."""
+        return partial(self._call, index, inner)
+
+    def _call(self, index: int, inner: Callable[..., Any], forward: Callable[..., Any], *args: Any) -> Any:
+        if index in self.offloaded:
+            if index == self.offloaded[0]:
+                self.copied_bytes = 0
+            self.saved[index] = []
+            below = [j for j in self.offloaded if j < index]
+            self._release(wait_for=below[-2] if len(below) > 1 else -1)
+            with torch.autograd.graph.saved_tensors_hooks(partial(self._pack, index), self._unpack):
+                out = forward(*args)
+        else:
+            out = inner(forward, *args)
+        hidden = out[0] if isinstance(out, tuple) else out
+        if hidden.requires_grad:
+            hidden.register_hook(partial(self._backward_starts, index))
+        return out
+
+    def _pack(self, index: int, t: torch.Tensor) -> torch.Tensor | Offloaded:
+        if (t.device != self.device or t.nbytes < MIN_BYTES or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() in self.frozen):
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.stream is not None)
+        if self.stream is None:
+            host.copy_(t)
+            saved = Offloaded(index, host, None)
+        else:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # t is written on the compute stream
+            with torch.cuda.stream(self.stream):
+                host.copy_(t, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+            self.in_flight.append((index, t, done))  # t must outlive its copy
+            saved = Offloaded(index, host, done)
+        self.saved[index].append(saved)
+        self.copied_bytes += t.nbytes
+        return saved
+
+    def _release(self, wait_for: int = -1) -> None:
+        """Drop the GPU tensors whose copies to the host are done. The copies of layers up to
+        `wait_for` are waited for: a CPU sync point. An offloaded layer's forward waits for those of
+        the offloaded layer two below it, which holds the GPU memory in flight to about two
+        offloaded layers where the copies are slower than the compute in between."""
+        while self.in_flight:
+            layer, _, done = self.in_flight[0]
+            if not (layer <= wait_for or done.query()):
+                break
+            done.synchronize()  # sync point only where the copy is still running
+            self.in_flight.pop(0)
+
+    def _backward_starts(self, index: int, grad: torch.Tensor) -> None:
+        for j in range(max(0, index - LEAD), index):
+            if j in self.offloaded and j in self.saved:
+                self._prefetch(j)
+
+    def _prefetch(self, layer: int) -> None:
+        """Start copying `layer`'s saved tensors back to the GPU (on the copy stream, after their
+        copies out). GPU memory: that layer's tensors, LEAD layers early."""
+        self._release()
+        for saved in self.saved.pop(layer):
+            self._bring_back(saved)
+
+    def _bring_back(self, saved: Offloaded) -> None:
+        saved.back = torch.empty(saved.host.shape, dtype=saved.host.dtype, device=self.device)
+        if self.stream is None:
+            saved.back.copy_(saved.host)
+            return
+        # the GPU block is allocated on the compute stream, which may still be using its memory
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            saved.back.copy_(saved.host, non_blocking=True)
+            saved.ready = torch.cuda.Event()
+            saved.ready.record()
+
+    def _unpack(self, saved: torch.Tensor | Offloaded) -> torch.Tensor:
+        if isinstance(saved, torch.Tensor):
+            return saved
+        if saved.back is None:  # not prefetched (or unpacked twice): copy it back now
+            self._bring_back(saved)
+        if saved.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(saved.ready)  # GPU-side wait, no CPU sync
+        back, saved.back = saved.back, None
+        return back
