@@ -83,12 +83,12 @@ class ActivationOffload:
         return partial(self._call, index, inner)
 
     def _call(self, index: int, inner: Callable[..., Any], forward: Callable[..., Any], *args: Any) -> Any:
+        below = [j for j in self.offloaded if j < index]
+        self._release(wait_for=below[-2] if len(below) > 1 else -1)  # every layer: free what is copied
         if index in self.offloaded:
             if index == self.offloaded[0]:
                 self.copied_bytes = 0
             self.saved[index] = []
-            below = [j for j in self.offloaded if j < index]
-            self._release(wait_for=below[-2] if len(below) > 1 else -1)
             with torch.autograd.graph.saved_tensors_hooks(partial(self._pack, index), self._unpack):
                 out = forward(*args)
         else:
