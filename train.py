@@ -178,7 +178,7 @@ def plan_memory(args: argparse.Namespace, cfg: Config, data: TokenizedData) -> C
     a budget (null, or auto on a CPU), or, said, when it sets the planned keys itself, or (auto)
     with eager attention or nothing fitting."""
     from qlora.config import given_keys
-    from qlora.distributed import launched_ranks
+    from qlora.distributed import launched_ranks, local_device
     from qlora.estimate import estimate_for_config
     from qlora.memory import GIB, size
     from qlora.model import read_architecture
@@ -188,7 +188,8 @@ def plan_memory(args: argparse.Namespace, cfg: Config, data: TokenizedData) -> C
     if budget is None:
         return cfg
     architecture, seq, ranks = read_architecture(cfg.model), longest_row(data), launched_ranks()
-    choice = choose(cfg, architecture, seq, given_keys(args.config, args.overrides), budget, ranks)
+    choice = choose(cfg, architecture, seq, given_keys(args.config, args.overrides), budget, ranks,
+                    gpu=local_device(cfg.train.device).type == "cuda")
     if choice.chosen is not None:
         print(f"memory plan: {choice.chosen.describe()}, estimated peak {size(choice.chosen.peak_bytes).strip()} "
               f"of a {budget.describe()}, {choice.chosen.speed:.2f}x the speed of recomputing every layer")

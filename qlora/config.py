@@ -72,8 +72,8 @@ class ModelConfig:
            "host memory, and back before their backward (qlora/offload.py): no recompute and the same numbers "
            "as a layer that keeps its activations, for host<->GPU copies that overlap the compute of the "
            "layers in between (and N layers' activations of pinned host memory). Fast while the copies keep "
-           "up with the compute: few offloaded layers between recomputing ones.",
-        resume_safe=True, lowers_peak="=0")
+           "up with the compute: few offloaded layers between recomputing ones. The memory plan sets it "
+           "on a GPU.", resume_safe=True)
     compile_layers: bool = key(
         False, "torch.compile each decoder layer (dynamic shapes): fuses the norms, rotary embedding, LoRA "
                "scaling and activation that otherwise run as dozens of memory-bound kernels. The first "

@@ -125,9 +125,10 @@ class ActivationOffload:
         offloaded layers where the copies are slower than the compute in between."""
         while self.in_flight:
             layer, _, done = self.in_flight[0]
-            if not (layer <= wait_for or done.query()):
-                break
-            done.synchronize()  # sync point only where the copy is still running
+            if not done.query():
+                if layer > wait_for:
+                    break
+                done.synchronize()  # sync point: the copies fell behind the compute
             self.in_flight.pop(0)
 
     def _backward_starts(self, index: int, grad: torch.Tensor) -> None:

@@ -4,8 +4,10 @@
 What it plans: how many decoder layers recompute their activations (all, the first N, none), and,
 only where nothing fits the config's packed rows, shorter rows (halves of the config's row length,
 down to data.max_length); then, in the memory left beside the fastest such plan, how many layers
-keep their base weights dequantized (model.dequantized_layers; not under model.shard). Recompute
-and dequantized layers never change the gradient. Shorter rows group the same examples a step into
+keep their base weights dequantized (model.dequantized_layers; not under model.shard); and on a
+GPU, one recomputing layer in OFFLOAD_EVERY offloads its activations instead (model.offload_layers;
+the estimate prices an offloaded layer as a recomputed one). Recompute, dequantized and offloaded
+layers never change the gradient. Shorter rows group the same examples a step into
 more rows: the same step, up to floating-point order and the LoRA dropout masks, which are drawn
 per row. All three may change between a run and its resume (a resume that plans other rows is then
 not bit for bit the unbroken run). A config that sets `model.recompute_layers` or
@@ -16,7 +18,8 @@ plans rows only, every layer recomputed: fewer recomputed layers under FSDP have
 
 Speed model: a step with every layer recomputed takes 1 + RECOMPUTE_COST times one with none, each
 recomputed layer a 1/L share of that (fitted on one H100, Llama-2-7B, extractive @2048); each
-dequantized layer takes a 1/L share of DEQUANTIZED_GAIN off (one H200). The
+dequantized layer takes a 1/L share of DEQUANTIZED_GAIN off (one H200); an offloaded layer is
+priced as one that keeps its activations. The
 estimate behind it is on the safe side, except for eager attention, which it does not price: a
 budget given as a number is refused with eager attention, and `auto` plans nothing there (README,
 "Where the memory goes"). Shorter rows are slower per token, by an amount not priced here: each row
@@ -54,8 +57,13 @@ RECOMPUTE_COST = 0.505
 """Llama-2-7B, configs/llama2-7b-korquad.yaml, one H100 (an earlier session's train.py runs, steps
 3-14, reported in issue 14; the result files were not kept): 16,916 tokens/s with no layer
 recomputed, 11,237 with all 32; the linear share predicts 14,230 for 12 of 32, measured 13,960."""
+OFFLOAD_EVERY = 6
+"""On a GPU, one recomputing layer in OFFLOAD_EVERY offloads its activations instead
+(model.offload_layers), which takes its recompute off the step where the host copies keep up
+with the compute: a layer of Llama-2-7B at rows of 8,192 saves 0.94 GB, 17 ms each way at the
+H200's 54 GB/s, about four layers' forward (bench/results/2026-11-29-session12-h200/)."""
 PLANNED_KEYS = ("model.recompute_activations", "model.recompute_layers")
-ROWS_KEY, DEQUANTIZED_KEY = "data.pack_length", "model.dequantized_layers"
+ROWS_KEY, DEQUANTIZED_KEY, OFFLOAD_KEY = "data.pack_length", "model.dequantized_layers", "model.offload_layers"
 AUTO_MARGIN, AUTO_MIN_MARGIN_GIB, AUTO_TORCHRUN_GIB = 0.08, 1.0, 1.25
 """`auto` leaves 8% of the free memory (at least 1 GiB) unplanned: the allocator reserves 3% + 0.3 GiB
 over the peak it allocates (H200, bench/results/2026-11-28-session6-h200/), and the rest is room for
@@ -115,23 +123,27 @@ class Plan:
     """Tokens per packed row where the plan shortens the config's rows (None: the config's)."""
     dequantized: int = 0
     """How many decoder layers (the first ones) keep their base weights dequantized."""
+    offloaded: int = 0
+    """How many of the recomputing layers offload their activations instead."""
 
     @property
     def speed(self) -> float:
         """Tokens/s relative to recomputing every layer and dequantizing none (at the same rows)."""
-        return (1 + RECOMPUTE_COST) / ((1 + RECOMPUTE_COST * self.recomputed / self.layers)
+        return (1 + RECOMPUTE_COST) / ((1 + RECOMPUTE_COST * (self.recomputed - self.offloaded) / self.layers)
                                        * (1 - DEQUANTIZED_GAIN * self.dequantized / self.layers))
 
     def describe(self) -> str:
         rows = f", rows of {self.rows} tokens" if self.rows else ""  # None: the config's rows
         dequantized = f", {self.dequantized} dequantized" if self.dequantized else ""
-        return f"recompute {self.recomputed} of {self.layers} layers{rows}{dequantized}"
+        offloaded = f" ({self.offloaded} of them offload instead)" if self.offloaded else ""
+        return f"recompute {self.recomputed} of {self.layers} layers{offloaded}{rows}{dequantized}"
 
     def apply(self, cfg: Config) -> Config:
         """model.recompute_layers counts the same layers, with null for all of them."""
         model = dataclasses.replace(cfg.model, recompute_activations=self.recomputed > 0,
                                     recompute_layers=None if self.recomputed in (0, self.layers) else self.recomputed,
-                                    dequantized_layers=self.dequantized or cfg.model.dequantized_layers)
+                                    dequantized_layers=self.dequantized or cfg.model.dequantized_layers,
+                                    offload_layers=self.offloaded or cfg.model.offload_layers)
         data = dataclasses.replace(cfg.data, pack_length=self.rows) if self.rows else cfg.data
         return dataclasses.replace(cfg, model=model, data=data)
 
@@ -182,13 +194,14 @@ EAGER = "the memory estimate does not price eager attention's scores (Gemma-2 me
 
 
 def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budget | None,
-           ranks: int = 1) -> Choice:
+           ranks: int = 1, gpu: bool = False) -> Choice:
     """The fastest candidate within the budget at the longest rows where one fits (a config that
     sets the recompute keys itself: its own recompute, at the longest rows that fit). The config as
     it is: without a budget, with eager attention (auto budget), and when the config sets the
     recompute keys and its rows fit or may not change. With an auto budget and nothing fitting, the
     smallest plan. A budget given as a number is refused instead: with eager attention, or when
-    nothing fits (the message names the smallest budget that does)."""
+    nothing fits (the message names the smallest budget that does). `gpu`: the run is on a GPU,
+    where some recomputing layers may offload instead."""
     if budget is None:
         return Choice(cfg, [], None)
     if cfg.model.attn_implementation == "eager":
@@ -209,6 +222,8 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
         if fitting:  # candidates run from the fastest
             chosen = fitting[0] if DEQUANTIZED_KEY in given or cfg.model.shard else \
                 with_dequantized(fitting[0], cfg, hf_config, seq, ranks, budget)
+            if gpu and OFFLOAD_KEY not in given and not cfg.model.shard:
+                chosen = dataclasses.replace(chosen, offloaded=chosen.recomputed // OFFLOAD_EVERY)
             return Choice(chosen.apply(cfg), plans, chosen)
     smallest = min(plans, key=lambda p: p.peak_bytes)
     needs = f"the smallest plan ({smallest.describe()}) needs {smallest.peak_bytes / GIB:.2f} GiB"

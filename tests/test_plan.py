@@ -14,7 +14,7 @@ from qlora.errors import UserError
 from qlora.estimate import estimate_for_config
 from qlora.memory import GIB, cap_memory
 from qlora.model import build_model, decoder_layers, read_architecture
-from qlora.plan import (EAGER, Budget, auto_budget_gib, candidates, choose, format_plans, resolve_budget,
+from qlora.plan import (EAGER, OFFLOAD_EVERY, Budget, auto_budget_gib, candidates, choose, format_plans, resolve_budget,
                         row_lengths)
 from tests.conftest import ROOT, TINY_YAML
 
@@ -22,11 +22,11 @@ LLAMA2 = ROOT / "configs" / "llama2-7b-korquad.yaml"
 BUDGETS = (9, 12, 16, 24, 80)
 
 
-def plan_for(budget, *overrides, path=LLAMA2, seq=2048):
+def plan_for(budget, *overrides, path=LLAMA2, seq=2048, gpu=False):
     items = [f"train.memory_budget_gib={budget}", *overrides]
     cfg = load_config(path, items)
     arch = read_architecture(cfg.model)
-    return choose(cfg, arch, seq, given_keys(path, items), resolve_budget(cfg)), arch
+    return choose(cfg, arch, seq, given_keys(path, items), resolve_budget(cfg), gpu=gpu), arch
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
@@ -62,6 +62,20 @@ def test_memory_left_beside_the_fastest_recompute_plan_goes_to_dequantized_layer
     assert own.chosen.dequantized == 0 and own.config.model.dequantized_layers == 4
     sharded, _ = plan_for(80, "model.shard=true")
     assert sharded.config.model.dequantized_layers == 0
+
+
+def test_on_a_gpu_one_recomputing_layer_in_six_offloads_instead():
+    """The same layers keep no activations on the GPU, at the same estimated peak; a config's own
+    count wins, and a run on the CPU offloads none."""
+    on_gpu, arch = plan_for(16, gpu=True)
+    chosen, on_cpu = on_gpu.chosen, plan_for(16)[0].chosen
+    assert chosen.offloaded == chosen.recomputed // OFFLOAD_EVERY > 0 and on_cpu.offloaded == 0
+    assert on_gpu.config.model.offload_layers == chosen.offloaded
+    assert dataclasses.replace(chosen, offloaded=0) == on_cpu and chosen.speed > on_cpu.speed
+    assert estimate_for_config(on_gpu.config, arch, 2048)["total"] == chosen.peak_bytes == on_cpu.peak_bytes
+    assert f"recompute {chosen.recomputed} of 32 layers ({chosen.offloaded} of them offload instead)" in chosen.describe()
+    own, _ = plan_for(16, "model.offload_layers=0", gpu=True)
+    assert own.chosen.offloaded == 0 and own.config.model.offload_layers == 0
 
 
 def test_the_planned_layers_are_the_ones_that_recompute(tmp_path):
