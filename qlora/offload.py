@@ -29,6 +29,8 @@ import torch
 MIN_BYTES = 1 << 20
 """Smaller saved tensors (norm statistics, LoRA's rank-r intermediates) stay on the GPU: their copies
 would cost more launches than the memory is worth."""
+ALIGN = 512
+"""Byte alignment of each host copy in its layer's arena (any dtype's, and the copy engines')."""
 LEAD = 2
 """The backward of layer j + LEAD starts bringing layer j's tensors back: two layers' backward to
 hide the copy in, and at most LEAD layers' tensors back on the GPU early."""
@@ -74,7 +76,13 @@ class ActivationOffload:
         self.in_flight: list[tuple[int, torch.Tensor, torch.cuda.Event]] = []
         """GPU tensors whose copy to the host is not known to be done: (layer, tensor, copy done)."""
         self.copied_bytes = 0
-        """Bytes copied to the host by the latest forward (the memory audit prints it)."""
+        """Bytes copied to the host by the latest forward."""
+        self.arenas: dict[int, torch.Tensor] = {}
+        """Each offloaded layer's host memory, reused every micro-batch: allocating pinned memory
+        takes about 0.5 s a GiB and synchronizes the GPU, so a new tensor shape (a step's shorter
+        last row) must not allocate."""
+        self.filled: dict[int, int] = {}
+        """Bytes of its arena the layer's current forward has used (or would have)."""
 
     def call(self, index: int, inner: Callable[..., Any]) -> Callable[..., Any]:
         """The function layer `index` runs its forward through: `inner` (recompute, or a plain
@@ -88,6 +96,7 @@ class ActivationOffload:
         if index in self.offloaded:
             if index == self.offloaded[0]:
                 self.copied_bytes = 0
+            self._arena_for(index)
             self.saved[index] = []
             with torch.autograd.graph.saved_tensors_hooks(partial(self._pack, index), self._unpack):
                 out = forward(*args)
@@ -102,7 +111,7 @@ class ActivationOffload:
         if (t.device != self.device or t.nbytes < MIN_BYTES or not t.is_contiguous()
                 or t.untyped_storage().data_ptr() in self.frozen):
             return t
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.stream is not None)
+        host = self._host_place(index, t)
         if self.stream is None:
             host.copy_(t)
             saved = Offloaded(index, host, None)
@@ -117,6 +126,25 @@ class ActivationOffload:
         self.saved[index].append(saved)
         self.copied_bytes += t.nbytes
         return saved
+
+    def _arena_for(self, index: int) -> None:
+        """Before layer `index`'s forward: an arena as large as its largest forward so far needed
+        (the first forward, and a larger one, place their tensors in memory of their own). The old
+        arena lives on in the host copies still waiting for their backward."""
+        arena, need = self.arenas.get(index), self.filled.get(index, 0)
+        if need and (arena is None or arena.numel() < need):
+            self.arenas[index] = torch.empty(need, dtype=torch.uint8, pin_memory=self.stream is not None)
+        self.filled[index] = 0
+
+    def _host_place(self, index: int, t: torch.Tensor) -> torch.Tensor:
+        """Where t's host copy goes: the next aligned bytes of the layer's arena. Reusing them is
+        safe: the copies out of this micro-batch and back of the previous one share one stream."""
+        start = -(-self.filled[index] // ALIGN) * ALIGN
+        self.filled[index] = start + t.nbytes
+        arena = self.arenas.get(index)
+        if arena is None or arena.numel() < start + t.nbytes:
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=self.stream is not None)
+        return arena[start:start + t.nbytes].view(t.dtype).view(t.shape)
 
     def _release(self, wait_for: int = -1) -> None:
         """Drop the GPU tensors whose copies to the host are done. The copies of layers up to

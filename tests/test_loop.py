@@ -198,8 +198,9 @@ def test_dequantized_layers_give_the_4bit_layers_loss_and_gradients(tiny_model_f
 def test_offloaded_layers_give_the_kept_layers_loss_and_gradients(tiny_model_factory):
     """model.offload_layers: the second layer's saved activations go to host memory and back; the
     loss and gradients are those of the layers keeping their activations, bit for bit, dropout
-    included, over two micro-batches (the host copies are per micro-batch)."""
-    batches = [collate(make_rows([1000, 900], [5, 9], seed=s), 0) for s in (8, 9)]
+    included, over two micro-batches: the second, shorter, one places its host copies in the
+    memory the first one's sized for the layer."""
+    batches = [collate(make_rows(lengths, [5, 9], seed=s), 0) for s, lengths in ((8, [1000, 900]), (9, [800, 950]))]
     results = []
     for kwargs in ({"recompute_layers": 0}, {"offload_layers": 1}):
         model = tiny_model_factory("fp32", dropout=0.1, **kwargs)
@@ -214,6 +215,7 @@ def test_offloaded_layers_give_the_kept_layers_loss_and_gradients(tiny_model_fac
     offload = layers[1]._gradient_checkpointing_func.func.__self__
     assert offload.offloaded == [1] and layers[0]._gradient_checkpointing_func.args[1].keywords["use_reentrant"] is False
     assert offload.copied_bytes >= 2 * 1900 * 192 * 4  # at least two MLP intermediates a micro-batch went to the host
+    assert offload.arenas[1].numel() >= offload.filled[1] >= offload.copied_bytes
     assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
     assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
 
