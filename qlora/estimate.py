@@ -11,6 +11,7 @@ from typing import Any
 from qlora.batching import pack_length
 from qlora.config import Config
 from qlora.memory import size
+from qlora.offload import RELEASE_AFTER
 
 # Logit positions kept by train.supervised_logits_only, as a share of a row's width: a position is
 # kept when it predicts an answer token in *some* row of the batch, so the union over a batch of 4
@@ -66,7 +67,7 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
                   lora_dropout: bool, optimizer: str, recompute: bool, double_quant: bool,
                   logits_everywhere: bool, compute_bytes: int = 2, stream_bytes: int = 4,
                   recompute_layers: int | None = None, compiled: bool = False, shards: int = 1,
-                  dequantized_layers: int = 0) -> dict[str, int]:
+                  dequantized_layers: int = 0, offloaded_layers: int = 0) -> dict[str, int]:
     """Predicted peak allocated bytes of one training step, by component.
 
     - quantized weights: 4 bits per weight + one absmax per 64 weights (8-bit with double
@@ -82,7 +83,10 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
       (not when compiled: inductor regenerates the masks from the RNG state and recomputes the
       copies). A recomputed layer keeps only its input; the peak is the larger of the kept layers'
       saved tensors plus the backward's working set, and the layer being recomputed with its
-      gradients (after the kept layers are freed);
+      gradients (after the kept layers are freed). An offloaded layer (model.offload_layers) counts
+      as a recomputed one, with one layer's saved tensors more where that can make the peak: copies
+      still in flight while the first RELEASE_AFTER kept layers run forward, and a layer brought
+      back early beside a recompute;
     - logits: fp32 [batch, positions, vocab] plus its gradient, at every position or only at the
       SUPERVISED_POSITIONS share;
     - sharded over `shards` ranks (model.shard, FSDP): each rank keeps 1/N of the packed 4-bit
@@ -114,7 +118,10 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
     # last layer first, before the first recompute needs room (and one kept layer with its working
     # set, 1.75 layers, is more than one recompute's 1.5)
     kept = shape.layers - recomputed
-    activations = recomputed * residual + (kept + KEPT_WORKING if kept else RECOMPUTE_WORKING) * layer_saved
+    live = kept + KEPT_WORKING if kept else RECOMPUTE_WORKING  # layers' saved tensors at the peak
+    if offloaded_layers and recomputed:
+        live = max(live, RECOMPUTE_WORKING + 1, kept + 1 if kept < RELEASE_AFTER else 0)
+    activations = recomputed * residual + live * layer_saved
     positions = seq if logits_everywhere else max(1, math.ceil(seq * SUPERVISED_POSITIONS))
     logits = batch * positions * shape.vocab * (compute_bytes + 4 + 4)
     # dequantizing one weight matrix for the matmul, forward and backward
@@ -149,7 +156,8 @@ def estimate_for_config(cfg: Config, hf_config: Any, seq: int, ranks: int = 1) -
                          compute_bytes=compute_bytes,
                          stream_bytes=4 if cfg.model.upcast_non_quantized else compute_bytes,
                          compiled=cfg.model.compile_layers, shards=ranks if cfg.model.shard else 1,
-                         dequantized_layers=cfg.model.dequantized_layers)
+                         dequantized_layers=cfg.model.dequantized_layers,
+                         offloaded_layers=cfg.model.offload_layers)
 
 
 def format_estimate(estimate: dict[str, int]) -> str:

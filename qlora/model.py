@@ -163,7 +163,8 @@ def offload_some_layers(model: torch.nn.Module, n: int) -> ActivationOffload | N
         return None
     layers = decoder_layers(model)
     recomputed = sum(layer.gradient_checkpointing for layer in layers)  # the first ones
-    offload = ActivationOffload(model, offloaded_layers(recomputed, n), next(model.parameters()).device)
+    device = next(model.parameters()).device
+    offload = ActivationOffload(model, offloaded_layers(recomputed, n), len(layers), device)
     for i, layer in enumerate(layers):
         inner = layer._gradient_checkpointing_func if layer.gradient_checkpointing else call_directly
         layer.gradient_checkpointing = True  # GradientCheckpointingLayer.__call__ runs the function below

@@ -6,9 +6,9 @@ side CUDA stream while the GPU computes the layers in between.
 
 How a step flows, for an offloaded layer j:
 - forward: every tensor the layer's autograd graph saves passes through `pack` (torch's
-  saved-tensor hooks); activations of at least MIN_BYTES are copied to pinned host memory on the
-  copy stream, and the GPU tensor is released once its copy is done (frozen weights, small tensors
-  and tensors that are not one dense block stay where they are);
+  saved-tensor hooks); activations of at least MIN_BYTES are copied to the layer's pinned host
+  arena on the copy stream (frozen weights, small tensors and tensors that are not one dense block
+  stay where they are); the forward of layer j + RELEASE_AFTER frees their GPU memory;
 - backward: when the backward reaches layer j + LEAD (or any layer in between), the hook on that
   layer's output starts copying layer j's tensors back (`prefetch`), so they are on the GPU when
   layer j's backward unpacks them.
@@ -31,6 +31,12 @@ MIN_BYTES = 1 << 20
 would cost more launches than the memory is worth."""
 ALIGN = 512
 """Byte alignment of each host copy in its layer's arena (any dtype's, and the copy engines')."""
+RELEASE_AFTER = 5
+"""The forward of layer j + RELEASE_AFTER (or of the last layer) frees offloaded layer j's GPU
+tensors: the compute stream waits there for their copies to the host, a GPU-side wait on copies
+normally long done (Llama-2-7B, rows of 8,192, one H200: 17 ms of copies, about four layers'
+forward). Freeing them once the CPU saw the copies done kept them through the backward's peak
+(0.57 GiB more, bench/results/2026-11-29-session12-h200/call-e): the CPU runs layers ahead of the GPU."""
 LEAD = 2
 """The backward of layer j + LEAD starts bringing layer j's tensors back: two layers' backward to
 hide the copy in, and at most LEAD layers' tensors back on the GPU early."""
@@ -68,13 +74,13 @@ def frozen_storages(model: torch.nn.Module) -> set[int]:
 class ActivationOffload:
     """The saved-tensor hooks and copy bookkeeping for the offloaded layers of one model."""
 
-    def __init__(self, model: torch.nn.Module, offloaded: list[int], device: torch.device):
-        self.offloaded, self.device = sorted(offloaded), device
+    def __init__(self, model: torch.nn.Module, offloaded: list[int], layers: int, device: torch.device):
+        self.offloaded, self.layers, self.device = sorted(offloaded), layers, device
         self.frozen = frozen_storages(model)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.saved: dict[int, list[Offloaded]] = {}
         self.in_flight: list[tuple[int, torch.Tensor, torch.cuda.Event]] = []
-        """GPU tensors whose copy to the host is not known to be done: (layer, tensor, copy done)."""
+        """GPU tensors with copies to the host, not freed yet: (layer, tensor, copy done)."""
         self.copied_bytes = 0
         """Bytes copied to the host by the latest forward."""
         self.arenas: dict[int, torch.Tensor] = {}
@@ -91,8 +97,7 @@ class ActivationOffload:
         return partial(self._call, index, inner)
 
     def _call(self, index: int, inner: Callable[..., Any], forward: Callable[..., Any], *args: Any) -> Any:
-        below = [j for j in self.offloaded if j < index]
-        self._release(wait_for=below[-2] if len(below) > 1 else -1)  # every layer: free what is copied
+        self._release(index)
         if index in self.offloaded:
             if index == self.offloaded[0]:
                 self.copied_bytes = 0
@@ -121,7 +126,7 @@ class ActivationOffload:
                 host.copy_(t, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record()
-            self.in_flight.append((index, t, done))  # t must outlive its copy
+            self.in_flight.append((index, t, done))  # t lives until a later layer waits for its copy
             saved = Offloaded(index, host, done)
         self.saved[index].append(saved)
         self.copied_bytes += t.nbytes
@@ -146,18 +151,15 @@ class ActivationOffload:
             return torch.empty(t.shape, dtype=t.dtype, pin_memory=self.stream is not None)
         return arena[start:start + t.nbytes].view(t.dtype).view(t.shape)
 
-    def _release(self, wait_for: int = -1) -> None:
-        """Drop the GPU tensors whose copies to the host are done. The copies of layers up to
-        `wait_for` are waited for: a CPU sync point. An offloaded layer's forward waits for those of
-        the offloaded layer two below it, which holds the GPU memory in flight to about two
-        offloaded layers where the copies are slower than the compute in between."""
-        while self.in_flight:
-            layer, _, done = self.in_flight[0]
-            if not done.query():
-                if layer > wait_for:
-                    break
-                done.synchronize()  # sync point: the copies fell behind the compute
-            self.in_flight.pop(0)
+    def _release(self, index: int) -> None:
+        """Before layer `index`'s forward: free the GPU tensors of the offloaded layers at least
+        RELEASE_AFTER below it (all of them before the last layer, so none is left at the
+        backward's peak). The compute stream first waits for their copies (on the GPU, no CPU
+        sync), so the work that reuses their memory runs after the copies have read it."""
+        last = index == self.layers - 1
+        while self.in_flight and (last or self.in_flight[0][0] <= index - RELEASE_AFTER):
+            _, _, done = self.in_flight.pop(0)
+            torch.cuda.current_stream(self.device).wait_event(done)
 
     def _backward_starts(self, index: int, grad: torch.Tensor) -> None:
         for j in range(max(0, index - LEAD), index):
@@ -167,7 +169,6 @@ class ActivationOffload:
     def _prefetch(self, layer: int) -> None:
         """Start copying `layer`'s saved tensors back to the GPU (on the copy stream, after their
         copies out). GPU memory: that layer's tensors, LEAD layers early."""
-        self._release()
         for saved in self.saved.pop(layer):
             self._bring_back(saved)
 

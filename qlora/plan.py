@@ -3,23 +3,24 @@
 
 What it plans: how many decoder layers recompute their activations (all, the first N, none), and,
 only where nothing fits the config's packed rows, shorter rows (halves of the config's row length,
-down to data.max_length); then, in the memory left beside the fastest such plan, how many layers
-keep their base weights dequantized (model.dequantized_layers; not under model.shard); and on a
-GPU, one recomputing layer in OFFLOAD_EVERY offloads its activations instead (model.offload_layers;
-the estimate prices an offloaded layer as a recomputed one). Recompute, dequantized and offloaded
-layers never change the gradient. Shorter rows group the same examples a step into
-more rows: the same step, up to floating-point order and the LoRA dropout masks, which are drawn
-per row. All three may change between a run and its resume (a resume that plans other rows is then
-not bit for bit the unbroken run). A config that sets `model.recompute_layers` or
-`model.recompute_activations` itself keeps its value (rows still shortened where they do not fit,
-and nothing else planned where they do), one that sets `data.pack_length` keeps its rows, and one
-that sets `model.dequantized_layers` its count (explicit values win). A sharded model (model.shard)
-plans rows only, every layer recomputed: fewer recomputed layers under FSDP have not been measured.
+down to data.max_length); then, on a GPU, one recomputing layer in OFFLOAD_EVERY offloading its
+activations instead (model.offload_layers), where the budget holds what that adds (nothing with
+five or more layers kept: qlora/estimate.py); then, in the memory left, how many layers keep their
+base weights dequantized (model.dequantized_layers). Neither of the last two under model.shard.
+Recompute, offloaded and dequantized layers never change the gradient. Shorter rows group the
+same examples a step into more rows: the same step, up to floating-point order and the LoRA
+dropout masks, which are drawn per row. All of these may change between a run and its resume (a
+resume that plans other rows is then not bit for bit the unbroken run). A config that sets
+`model.recompute_layers` or `model.recompute_activations` itself keeps its value (rows still
+shortened where they do not fit, and nothing else planned where they do), one that sets
+`data.pack_length` keeps its rows, and one that sets `model.offload_layers` or
+`model.dequantized_layers` its count (explicit values win). A sharded model (model.shard) plans
+rows only, every layer recomputed: fewer recomputed layers under FSDP have not been measured.
 
 Speed model: a step with every layer recomputed takes 1 + RECOMPUTE_COST times one with none, each
 recomputed layer a 1/L share of that (fitted on one H100, Llama-2-7B, extractive @2048); each
 dequantized layer takes a 1/L share of DEQUANTIZED_GAIN off (one H200); an offloaded layer is
-priced as one that keeps its activations. The
+priced as one that keeps its activations (OFFLOAD_EVERY says how far that held). The
 estimate behind it is on the safe side, except for eager attention, which it does not price: a
 budget given as a number is refused with eager attention, and `auto` plans nothing there (README,
 "Where the memory goes"). Shorter rows are slower per token, by an amount not priced here: each row
@@ -58,10 +59,15 @@ RECOMPUTE_COST = 0.505
 3-14, reported in issue 14; the result files were not kept): 16,916 tokens/s with no layer
 recomputed, 11,237 with all 32; the linear share predicts 14,230 for 12 of 32, measured 13,960."""
 OFFLOAD_EVERY = 6
-"""On a GPU, one recomputing layer in OFFLOAD_EVERY offloads its activations instead
-(model.offload_layers), which takes its recompute off the step where the host copies keep up
-with the compute: a layer of Llama-2-7B at rows of 8,192 saves 0.94 GB, 17 ms each way at the
-H200's 54 GB/s, about four layers' forward (bench/results/2026-11-29-session12-h200/)."""
+"""One recomputing layer in OFFLOAD_EVERY offloads its activations instead, so each one's host
+copies have the forward of the layers up to the next one to run in: a layer of Llama-2-7B at rows
+of 8,192 copies about 0.93 GB each way, 17 ms at an H200's 54 GB/s, about four layers' forward.
+Measured (the shipped config, a 15.5 GiB budget, recompute 24 of 32 layers, one H200, steps 3-14,
+bench/results/2026-11-29-session12-h200/call-e): 12,594 tokens/s with none offloaded, 13,104 with
+4 (the model prices 1.05x; 4.0% measured, with the host copies released once the CPU saw them
+done); 6 of 24 ran slower than none (call-d, before the host memory was reused). Measured on
+Llama-2-7B and this GPU only: a slower GPU hides longer copies, a smaller model's layers copy
+more bytes per FLOP."""
 PLANNED_KEYS = ("model.recompute_activations", "model.recompute_layers")
 ROWS_KEY, DEQUANTIZED_KEY, OFFLOAD_KEY = "data.pack_length", "model.dequantized_layers", "model.offload_layers"
 AUTO_MARGIN, AUTO_MIN_MARGIN_GIB, AUTO_TORCHRUN_GIB = 0.08, 1.0, 1.25
@@ -220,10 +226,11 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
         if fitting and fixed and fitting[0].rows is None:
             return Choice(cfg, plans, None, own)
         if fitting:  # candidates run from the fastest
-            chosen = fitting[0] if DEQUANTIZED_KEY in given or cfg.model.shard else \
-                with_dequantized(fitting[0], cfg, hf_config, seq, ranks, budget)
+            chosen = fitting[0]
             if gpu and OFFLOAD_KEY not in given and not cfg.model.shard:
-                chosen = dataclasses.replace(chosen, offloaded=chosen.recomputed // OFFLOAD_EVERY)
+                chosen = with_offloaded(chosen, cfg, hf_config, seq, ranks, budget)
+            if DEQUANTIZED_KEY not in given and not cfg.model.shard:
+                chosen = with_dequantized(chosen, cfg, hf_config, seq, ranks, budget)
             return Choice(chosen.apply(cfg), plans, chosen)
     smallest = min(plans, key=lambda p: p.peak_bytes)
     needs = f"the smallest plan ({smallest.describe()}) needs {smallest.peak_bytes / GIB:.2f} GiB"
@@ -234,6 +241,14 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
                *([ROWS_KEY] if len(lengths) > 1 else []))
     raise UserError(f"train.memory_budget_gib={budget.gib:g}: no plan fits; {needs}. Also lowers the peak: "
                     f"{peak_lowering_hints(leave_out=planned, cfg=cfg)}")
+
+
+def with_offloaded(plan: Plan, cfg: Config, hf_config: Any, seq: int, ranks: int, budget: Budget) -> Plan:
+    """`plan` with one recomputing layer in OFFLOAD_EVERY offloading instead, where the budget holds
+    what offloading may add (with few layers kept: estimate.py)."""
+    more = dataclasses.replace(plan, offloaded=plan.recomputed // OFFLOAD_EVERY)
+    peak = estimate_for_config(more.apply(cfg), hf_config, seq, ranks)["total"]
+    return dataclasses.replace(more, peak_bytes=peak) if more.offloaded and peak <= budget.gib * GIB else plan
 
 
 def with_dequantized(plan: Plan, cfg: Config, hf_config: Any, seq: int, ranks: int, budget: Budget) -> Plan:

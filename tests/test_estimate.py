@@ -83,6 +83,16 @@ def test_each_lever_moves_the_estimate_the_way_it_moves_memory():
     packed = estimate_for_config(*llama2_7b("data.packing=true", "data.pack_length=4096"), seq)
     assert packed["activations"] == pytest.approx(base["activations"] / 2, rel=0.01)  # 4096 tokens, not 4 x 2048
     assert shape_of(arch).layers == 32 and base["total"] == sum(v for k, v in base.items() if k != "total")
+    # offloaded layers: freed before the peak of 8 kept layers; with every layer recomputing, one
+    # brought back early beside a recompute; with 3 kept, one in flight beside their forward
+    kept8 = llama2_7b("model.recompute_layers=24")
+    assert estimate_for_config(*llama2_7b("model.recompute_layers=24", "model.offload_layers=4"), seq) == \
+        estimate_for_config(*kept8, seq)
+    layer = estimate_for_config(*llama2_7b("model.offload_layers=5"), seq)["activations"] - base["activations"]
+    assert 1.5 * GIB < layer < half["activations"] / 16  # one layer's saved tensors (4 rows of 2,048 tokens)
+    kept3 = [estimate_for_config(*llama2_7b("model.recompute_layers=29", *o), seq)["activations"]
+             for o in ([], ["model.offload_layers=4"])]
+    assert kept3[1] - kept3[0] == pytest.approx(layer / 4, rel=0.01)  # 3 + 1 layers instead of 3 + 0.75
 
 
 FAMILY_RUNS = sorted((ROOT / "bench" / "results" / "2026-11-28-session5-h200").glob("ours_*_extractive_2048.json"))

@@ -76,6 +76,10 @@ def test_on_a_gpu_one_recomputing_layer_in_six_offloads_instead():
     assert f"recompute {chosen.recomputed} of 32 layers ({chosen.offloaded} of them offload instead)" in chosen.describe()
     own, _ = plan_for(16, "model.offload_layers=0", gpu=True)
     assert own.chosen.offloaded == 0 and own.config.model.offload_layers == 0
+    for budget in BUDGETS:  # where offloading adds to the peak (few layers kept), only if it fits
+        choice, _ = plan_for(budget, gpu=True)
+        assert estimate_for_config(choice.config, arch, 2048)["total"] == choice.chosen.peak_bytes <= budget * GIB
+    assert plan_for(9, gpu=True)[0].chosen.offloaded == 0  # 30 recompute, 2 kept: one more layer does not fit
 
 
 def test_the_planned_layers_are_the_ones_that_recompute(tmp_path):
