@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # names for the type hints only: the heavy modules load insid
     from qlora.data import TokenizedData
     from qlora.distributed import World
     from qlora.loop import FitResult
+    from qlora.offload import ActivationOffload
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> None:
     # 7. save
     adapter = peft_layout(trainable_weights(trained))
     final = None if result.interrupted or not world.is_main else save_final(model, adapter, tokenizer, cfg, run_dir)
-    print(summary(args, result, estimate, run_dir, final, world.size))
+    print(summary(args, result, estimate, run_dir, final, world.size, model.activation_offload))
 
 
 def load_model(cfg: Config, device: torch.device, world: World) -> torch.nn.Module:
@@ -264,7 +265,7 @@ def check_break_at(break_at: BreakAt | None, done: int, n_steps: int) -> None:
 
 
 def summary(args: argparse.Namespace, result: FitResult, estimate: dict[str, int] | None, run_dir: Path,
-            final: Path | None, world_size: int) -> str:
+            final: Path | None, world_size: int, offload: ActivationOffload | None) -> str:
     """What a run leaves behind, in a few lines: also printed without the progress bar."""
     lines = [f"done: step {result.step}; {result.steps_run} steps in {result.seconds:.1f} s, median "
              f"{result.median_tokens_per_s:,.0f} tokens/s"]
@@ -278,6 +279,10 @@ def summary(args: argparse.Namespace, result: FitResult, estimate: dict[str, int
         lines.append(f"memory: estimated peak allocated {predicted:.2f} GiB" + (
             f", measured {result.peak_gib:.2f} GiB ({100 * (predicted - result.peak_gib) / result.peak_gib:+.1f}%)"
             if result.peak_gib is not None else " (measured only on CUDA)"))
+    if offload is not None:  # late copies back: a prefetch missed, the backward waited for the copy
+        lines.append(f"memory: layers {', '.join(map(str, offload.offloaded))} offloaded "
+                     f"{offload.copied_bytes / 2**30:.2f} GiB to host memory in the last micro-batch; "
+                     f"{offload.late_copies} copies back began late")
     lines.append(f"metrics: {run_dir / 'metrics.jsonl'}; checkpoint: {result.checkpoint}")
     if final is not None:
         lines.append(f"adapter, tokenizer and config: {final}")

@@ -68,12 +68,12 @@ class ModelConfig:
                "the same gradient (tests/test_loop.py). For comparing the two under FSDP, where bitsandbytes "
                "reports them behaving differently (bitsandbytes issue 1252).", resume_safe=True)
     offload_layers: int = key(
-        0, "N of the recomputing layers (spread among them) instead copy what their forward saves to pinned "
-           "host memory, and back before their backward (qlora/offload.py): no recompute and the same numbers "
-           "as a layer that keeps its activations, for host<->GPU copies that overlap the compute of the "
-           "layers in between (and N layers' activations of pinned host memory). Fast while the copies keep "
-           "up with the compute: few offloaded layers between recomputing ones. The memory plan sets it "
-           "on a GPU.", resume_safe=True)
+        0, "N of the recomputing layers (spread among them, below the last layer; at most a third of them) "
+           "instead copy what their forward saves to pinned host memory, and back before their backward "
+           "(qlora/offload.py): no recompute and the same numbers as a layer that keeps its activations, for "
+           "host<->GPU copies that overlap the compute of the layers in between (and about N layers' "
+           "activations of pinned host memory). Fast while the copies keep up with the compute. The memory "
+           "plan offloads one recomputing layer in six on one GPU.", resume_safe=True)
     compile_layers: bool = key(
         False, "torch.compile each decoder layer (dynamic shapes): fuses the norms, rotary embedding, LoRA "
                "scaling and activation that otherwise run as dozens of memory-bound kernels. The first "
@@ -455,6 +455,9 @@ def check_values(cfg: Config) -> list[str]:
         (m.offload_layers == 0 or m.recompute_activations,
          "model.offload_layers: offloads some of the recomputing layers; needs model.recompute_activations=true"),
         (not m.shard or m.offload_layers == 0, "model.shard=true: needs model.offload_layers=0 (not tried under FSDP)"),
+        (m.recompute_layers is None or m.offload_layers <= m.recompute_layers // 3,
+         "model.offload_layers: at most a third of model.recompute_layers (each one's copies back overlap the "
+         "layers between)"),
         (not m.shard or m.dequantized_layers == 0,
          "model.shard=true: needs model.dequantized_layers=0 (FSDP shards the 4-bit weights)"),
         (m.attn_implementation != "varlen" or t.precision != "fp32" or t.device == "cpu",

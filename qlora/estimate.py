@@ -84,9 +84,9 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
       copies). A recomputed layer keeps only its input; the peak is the larger of the kept layers'
       saved tensors plus the backward's working set, and the layer being recomputed with its
       gradients (after the kept layers are freed). An offloaded layer (model.offload_layers) counts
-      as a recomputed one, with one layer's saved tensors more where that can make the peak: copies
-      still in flight while the first RELEASE_AFTER kept layers run forward, and a layer brought
-      back early beside a recompute;
+      as a recomputed one, with more saved tensors where they can make the peak: the layers whose
+      copies are still in flight while the first kept layers run forward (those within
+      RELEASE_AFTER layers), and one layer brought back early beside a recompute;
     - logits: fp32 [batch, positions, vocab] plus its gradient, at every position or only at the
       SUPERVISED_POSITIONS share;
     - sharded over `shards` ranks (model.shard, FSDP): each rank keeps 1/N of the packed 4-bit
@@ -119,8 +119,9 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
     # set, 1.75 layers, is more than one recompute's 1.5)
     kept = shape.layers - recomputed
     live = kept + KEPT_WORKING if kept else RECOMPUTE_WORKING  # layers' saved tensors at the peak
-    if offloaded_layers and recomputed:
-        live = max(live, RECOMPUTE_WORKING + 1, kept + 1 if kept < RELEASE_AFTER else 0)
+    if offloaded_layers and recomputed:  # spaced LEAD + 1 or more: one layer brought back early at a time
+        in_flight = math.ceil(RELEASE_AFTER / (min(recomputed, shape.layers - 1) // offloaded_layers))
+        live = max(live, RECOMPUTE_WORKING + 1, min(kept, RELEASE_AFTER - 1) + in_flight)
     activations = recomputed * residual + live * layer_saved
     positions = seq if logits_everywhere else max(1, math.ceil(seq * SUPERVISED_POSITIONS))
     logits = batch * positions * shape.vocab * (compute_bytes + 4 + 4)

@@ -102,9 +102,10 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, precision: str, device: torc
 
 def apply_levers(model: PeftModel, cfg: ModelConfig, precision: str) -> None:
     """The config's speed and memory levers on a built model: attention kernel, which layers
-    recompute, dequantized layers, compute-dtype norms, offloaded layers, compiled layers. build_model calls it once;
-    bench/compare_trl.py calls it again on one loaded model as it turns the levers on one after
-    another. Dequantized layers, compute-dtype norms and compiled layers are one-way."""
+    recompute, dequantized layers, compute-dtype norms, offloaded layers (`model.activation_offload`,
+    None without), compiled layers. build_model calls it once; bench/compare_trl.py calls it again
+    on one loaded model as it turns the levers on one after another. Dequantized layers,
+    compute-dtype norms and compiled layers are one-way."""
     prepare_attention(cfg)
     model.get_base_model().set_attn_implementation(cfg.attn_implementation)
     if cfg.recompute_activations:
@@ -115,8 +116,8 @@ def apply_levers(model: PeftModel, cfg: ModelConfig, precision: str) -> None:
     dequantize_first_layers(model, cfg.dequantized_layers)
     if not cfg.upcast_non_quantized:
         cast_frozen_fp32(model, DTYPES[precision])
-    if cfg.recompute_activations:  # after the casts and swaps: it records where the frozen weights live
-        offload_some_layers(model, cfg.offload_layers)
+    # after the casts and swaps: it records where the model's own tensors live
+    model.activation_offload = offload_some_layers(model, cfg.offload_layers if cfg.recompute_activations else 0)
     if cfg.compile_layers:
         compile_decoder_layers(model)
 
@@ -164,7 +165,7 @@ def offload_some_layers(model: torch.nn.Module, n: int) -> ActivationOffload | N
     layers = decoder_layers(model)
     recomputed = sum(layer.gradient_checkpointing for layer in layers)  # the first ones
     device = next(model.parameters()).device
-    offload = ActivationOffload(model, offloaded_layers(recomputed, n), len(layers), device)
+    offload = ActivationOffload(model, offloaded_layers(recomputed, len(layers), n), len(layers), device)
     for i, layer in enumerate(layers):
         inner = layer._gradient_checkpointing_func if layer.gradient_checkpointing else call_directly
         layer.gradient_checkpointing = True  # GradientCheckpointingLayer.__call__ runs the function below

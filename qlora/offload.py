@@ -15,16 +15,22 @@ How a step flows, for an offloaded layer j:
 
 Every decoder layer runs through `ActivationOffload.call` (its GradientCheckpointingLayer's
 `_gradient_checkpointing_func`), so the layers above an offloaded one can start its copies back.
+Offloaded layers are at least LEAD + 1 apart and never the last layer, so the estimate's one layer
+in flight holds (qlora/estimate.py). One forward, then its backward: a second forward through an
+offloaded layer before the first one's backward would reuse its host memory, and is refused.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
+
+from qlora.errors import UserError
 
 MIN_BYTES = 1 << 20
 """Smaller saved tensors (norm statistics, LoRA's rank-r intermediates) stay on the GPU: their copies
@@ -36,10 +42,11 @@ RELEASE_AFTER = 5
 tensors: the compute stream waits there for their copies to the host, a GPU-side wait on copies
 normally long done (Llama-2-7B, rows of 8,192, one H200: 17 ms of copies, about four layers'
 forward). Freeing them once the CPU saw the copies done kept them through the backward's peak
-(0.57 GiB more, bench/results/2026-11-29-session12-h200/call-e): the CPU runs layers ahead of the GPU."""
+(0.57 GiB more than without offloading, bench/results/2026-11-29-session12-h200/call-e): the CPU
+runs layers ahead of the GPU."""
 LEAD = 2
 """The backward of layer j + LEAD starts bringing layer j's tensors back: two layers' backward to
-hide the copy in, and at most LEAD layers' tensors back on the GPU early."""
+hide the copy in; offloaded layers LEAD + 1 apart or more have one layer back early at a time."""
 
 
 @dataclass
@@ -47,21 +54,26 @@ class Offloaded:
     """One saved tensor of an offloaded layer: its host copy, and its GPU copy once prefetched."""
     layer: int
     host: torch.Tensor
-    ready: torch.cuda.Event | None
-    """On CUDA: recorded on the copy stream after the copy that `ready` belongs to (host or back)."""
+    forward: int
+    """Which forward of its layer wrote the host copy (arena memory is reused by the next one)."""
     back: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None
+    """On CUDA: recorded on the copy stream after the copy into `back`."""
 
 
-def offloaded_layers(recomputed: int, n: int) -> list[int]:
-    """Which of the first `recomputed` layers offload instead: n of them, evenly spread, so that
-    each offloaded layer's copies overlap the compute of the recomputed layers around it."""
-    n = min(n, recomputed)
-    return sorted({int((k + 0.5) * recomputed / n) for k in range(n)})
+def offloaded_layers(recomputed: int, layers: int, n: int) -> list[int]:
+    """Which of the first `recomputed` layers (of `layers`) offload instead: n of them, evenly
+    spread below the last layer (no layer above it would start its copies back)."""
+    span = min(recomputed, layers - 1)
+    if n > span // (LEAD + 1):
+        raise UserError(f"model.offload_layers={n}: at most a third of the recomputing layers below the last "
+                        f"({span // (LEAD + 1)} here), so that each one's copies back overlap the layers between")
+    return [int((k + 0.5) * span / n) for k in range(n)]
 
 
-def frozen_storages(model: torch.nn.Module) -> set[int]:
-    """Data pointers of the model's own tensors (weights, buffers, 4-bit quantization states): a
-    layer's graph saves them too (as views), and they are not activations to copy."""
+def model_storages(model: torch.nn.Module) -> set[int]:
+    """Data pointers of the model's own tensors (weights, LoRA included, buffers, 4-bit
+    quantization states): a layer's graph saves them too (as views), and they are not activations."""
     tensors = [*model.parameters(), *model.buffers()]
     for p in model.parameters():
         state = getattr(p, "quant_state", None)
@@ -71,24 +83,37 @@ def frozen_storages(model: torch.nn.Module) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in tensors}
 
 
+def storages_in(values: Any) -> set[int]:
+    """Data pointers of the tensors among `values` (one level of tuples: the rotary embeddings)."""
+    flat = [v for value in values for v in (value if isinstance(value, tuple) else (value,))]
+    return {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
+
+
 class ActivationOffload:
     """The saved-tensor hooks and copy bookkeeping for the offloaded layers of one model."""
 
     def __init__(self, model: torch.nn.Module, offloaded: list[int], layers: int, device: torch.device):
-        self.offloaded, self.layers, self.device = sorted(offloaded), layers, device
-        self.frozen = frozen_storages(model)
+        self.offloaded, self.layers, self.device = offloaded, layers, device
+        self.skipped = model_storages(model)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.saved: dict[int, list[Offloaded]] = {}
-        self.in_flight: list[tuple[int, torch.Tensor, torch.cuda.Event]] = []
-        """GPU tensors with copies to the host, not freed yet: (layer, tensor, copy done)."""
-        self.copied_bytes = 0
-        """Bytes copied to the host by the latest forward."""
+        """Each offloaded layer's host copies from its latest forward, until their prefetch."""
+        self.in_flight: deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = deque()
+        """GPU tensors copied to the host, not yet freed: (layer, tensor, copy done; None on the CPU)."""
         self.arenas: dict[int, torch.Tensor] = {}
         """Each offloaded layer's host memory, reused every micro-batch: allocating pinned memory
         takes about 0.5 s a GiB and synchronizes the GPU, so a new tensor shape (a step's shorter
         last row) must not allocate."""
         self.filled: dict[int, int] = {}
         """Bytes of its arena the layer's current forward has used (or would have)."""
+        self.forwards: dict[int, int] = {}
+        """How many forwards each offloaded layer has run (the arena's generation)."""
+        self.shared: set[int] = set()
+        """Data pointers of the current offloaded call's keyword tensors (not copied)."""
+        self.copied_bytes = 0
+        """Bytes the latest forward copied to the host (train.py reports it)."""
+        self.late_copies = 0
+        """Copies back that began only when the backward needed them (a missed prefetch: a wait)."""
 
     def call(self, index: int, inner: Callable[..., Any]) -> Callable[..., Any]:
         """The function layer `index` runs its forward through: `inner` (recompute, or a plain
@@ -98,11 +123,8 @@ class ActivationOffload:
 
     def _call(self, index: int, inner: Callable[..., Any], forward: Callable[..., Any], *args: Any) -> Any:
         self._release(index)
-        if index in self.offloaded:
-            if index == self.offloaded[0]:
-                self.copied_bytes = 0
-            self._arena_for(index)
-            self.saved[index] = []
+        if index in self.offloaded and torch.is_grad_enabled():
+            self._start_forward(index, forward)
             with torch.autograd.graph.saved_tensors_hooks(partial(self._pack, index), self._unpack):
                 out = forward(*args)
         else:
@@ -112,34 +134,40 @@ class ActivationOffload:
             hidden.register_hook(partial(self._backward_starts, index))
         return out
 
-    def _pack(self, index: int, t: torch.Tensor) -> torch.Tensor | Offloaded:
-        if (t.device != self.device or t.nbytes < MIN_BYTES or not t.is_contiguous()
-                or t.untyped_storage().data_ptr() in self.frozen):
-            return t
-        host = self._host_place(index, t)
-        if self.stream is None:
-            host.copy_(t)
-            saved = Offloaded(index, host, None)
-        else:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # t is written on the compute stream
-            with torch.cuda.stream(self.stream):
-                host.copy_(t, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record()
-            self.in_flight.append((index, t, done))  # t lives until a later layer waits for its copy
-            saved = Offloaded(index, host, done)
-        self.saved[index].append(saved)
-        self.copied_bytes += t.nbytes
-        return saved
-
-    def _arena_for(self, index: int) -> None:
-        """Before layer `index`'s forward: an arena as large as its largest forward so far needed
-        (the first forward, and a larger one, place their tensors in memory of their own). The old
-        arena lives on in the host copies still waiting for their backward."""
+    def _start_forward(self, index: int, forward: Callable[..., Any]) -> None:
+        """Before an offloaded layer's forward: an arena as large as its largest forward so far
+        needed (the first forward, and a larger one, place their tensors in memory of their own; the
+        old arena lives on in the host copies still waiting for their backward). The call's own
+        keyword tensors (rotary embeddings, masks) are every layer's: copying them frees nothing."""
+        if index == self.offloaded[0]:
+            self.copied_bytes = 0
         arena, need = self.arenas.get(index), self.filled.get(index, 0)
         if need and (arena is None or arena.numel() < need):
             self.arenas[index] = torch.empty(need, dtype=torch.uint8, pin_memory=self.stream is not None)
         self.filled[index] = 0
+        self.forwards[index] = self.forwards.get(index, 0) + 1
+        self.saved[index] = []
+        self.shared = storages_in(getattr(forward, "keywords", {}).values())
+
+    def _pack(self, index: int, t: torch.Tensor) -> torch.Tensor | Offloaded:
+        storage = t.untyped_storage().data_ptr()
+        if (t.device != self.device or t.nbytes < MIN_BYTES or not t.is_contiguous()
+                or storage in self.skipped or storage in self.shared):
+            return t
+        saved = Offloaded(index, self._host_place(index, t), self.forwards[index])
+        if self.stream is None:
+            saved.host.copy_(t)
+            done = None
+        else:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # t is written on the compute stream
+            with torch.cuda.stream(self.stream):
+                saved.host.copy_(t, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+        self.in_flight.append((index, t, done))  # t lives until a later layer's _release
+        self.saved[index].append(saved)
+        self.copied_bytes += t.nbytes
+        return saved
 
     def _host_place(self, index: int, t: torch.Tensor) -> torch.Tensor:
         """Where t's host copy goes: the next aligned bytes of the layer's arena. Reusing them is
@@ -158,12 +186,13 @@ class ActivationOffload:
         sync), so the work that reuses their memory runs after the copies have read it."""
         last = index == self.layers - 1
         while self.in_flight and (last or self.in_flight[0][0] <= index - RELEASE_AFTER):
-            _, _, done = self.in_flight.pop(0)
-            torch.cuda.current_stream(self.device).wait_event(done)
+            _, _, done = self.in_flight.popleft()
+            if done is not None:
+                torch.cuda.current_stream(self.device).wait_event(done)
 
     def _backward_starts(self, index: int, grad: torch.Tensor) -> None:
         for j in range(max(0, index - LEAD), index):
-            if j in self.offloaded and j in self.saved:
+            if j in self.saved:
                 self._prefetch(j)
 
     def _prefetch(self, layer: int) -> None:
@@ -183,11 +212,16 @@ class ActivationOffload:
             saved.back.copy_(saved.host, non_blocking=True)
             saved.ready = torch.cuda.Event()
             saved.ready.record()
+        saved.back.record_stream(self.stream)  # freed unread (a backward cut short): not reused mid-copy
 
     def _unpack(self, saved: torch.Tensor | Offloaded) -> torch.Tensor:
         if isinstance(saved, torch.Tensor):
             return saved
-        if saved.back is None:  # not prefetched (or unpacked twice): copy it back now
+        if saved.forward != self.forwards[saved.layer]:  # its arena bytes may hold a later forward's
+            raise UserError(f"layer {saved.layer} offloads its activations (model.offload_layers), and ran a "
+                            f"second forward before the first one's backward: one forward, then its backward")
+        if saved.back is None:  # not prefetched (or unpacked twice): copy it back now, and wait for it
+            self.late_copies += 1
             self._bring_back(saved)
         if saved.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(saved.ready)  # GPU-side wait, no CPU sync

@@ -46,6 +46,7 @@ from qlora.distributed import launched_ranks, local_device
 from qlora.errors import UserError
 from qlora.estimate import estimate_for_config
 from qlora.memory import GIB
+from qlora.offload import LEAD
 
 DEQUANTIZED_GAIN = 0.040
 """A step with every layer's base dequantized once (model.dequantized_layers) takes 1 - DEQUANTIZED_GAIN
@@ -64,10 +65,12 @@ copies have the forward of the layers up to the next one to run in: a layer of L
 of 8,192 copies about 0.93 GB each way, 17 ms at an H200's 54 GB/s, about four layers' forward.
 Measured (the shipped config, a 15.5 GiB budget, recompute 24 of 32 layers, one H200, steps 3-14,
 bench/results/2026-11-29-session12-h200/call-e): 12,594 tokens/s with none offloaded, 13,104 with
-4 (the model prices 1.05x; 4.0% measured, with the host copies released once the CPU saw them
-done); 6 of 24 ran slower than none (call-d, before the host memory was reused). Measured on
-Llama-2-7B and this GPU only: a slower GPU hides longer copies, a smaller model's layers copy
-more bytes per FLOP."""
+4 (the model prices 1.05x; 4.0% measured, with the GPU tensors freed once the CPU saw their copies
+done: the GPU tensors now wait for the compute stream instead, not measured). No other spacing was
+measured with the host memory reused (calls A-D allocated it per tensor and ran slower at every
+count). Measured on Llama-2-7B, in one process, on this GPU only: a slower GPU hides longer
+copies, a smaller model's layers copy more bytes per FLOP, and torchrun's ranks share the host's
+links (the plan offloads in one process only)."""
 PLANNED_KEYS = ("model.recompute_activations", "model.recompute_layers")
 ROWS_KEY, DEQUANTIZED_KEY, OFFLOAD_KEY = "data.pack_length", "model.dequantized_layers", "model.offload_layers"
 AUTO_MARGIN, AUTO_MIN_MARGIN_GIB, AUTO_TORCHRUN_GIB = 0.08, 1.0, 1.25
@@ -149,7 +152,7 @@ class Plan:
         model = dataclasses.replace(cfg.model, recompute_activations=self.recomputed > 0,
                                     recompute_layers=None if self.recomputed in (0, self.layers) else self.recomputed,
                                     dequantized_layers=self.dequantized or cfg.model.dequantized_layers,
-                                    offload_layers=self.offloaded or cfg.model.offload_layers)
+                                    offload_layers=self.offloaded)
         data = dataclasses.replace(cfg.data, pack_length=self.rows) if self.rows else cfg.data
         return dataclasses.replace(cfg, model=model, data=data)
 
@@ -174,9 +177,14 @@ def candidates(cfg: Config, hf_config: Any, seq: int, ranks: int = 1, rows: int 
     layers = hf_config.num_hidden_layers
     counts = [recomputed_layers(cfg, layers)] if own_recompute else \
         [layers] if cfg.model.shard else range(layers + 1)
-    plans = [Plan(n, layers, 0, rows) for n in counts]
+    plans = [Plan(n, layers, 0, rows, offloaded=own_offloaded(cfg, n, layers)) for n in counts]
     return [dataclasses.replace(p, peak_bytes=estimate_for_config(p.apply(cfg), hf_config, seq, ranks)["total"])
             for p in plans]
+
+
+def own_offloaded(cfg: Config, recomputed: int, layers: int) -> int:
+    """The config's model.offload_layers, as many as `recomputed` layers allow (qlora/offload.py)."""
+    return min(cfg.model.offload_layers, min(recomputed, layers - 1) // (LEAD + 1))
 
 
 def recomputed_layers(cfg: Config, layers: int) -> int:
@@ -207,7 +215,7 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
     recompute keys and its rows fit or may not change. With an auto budget and nothing fitting, the
     smallest plan. A budget given as a number is refused instead: with eager attention, or when
     nothing fits (the message names the smallest budget that does). `gpu`: the run is on a GPU,
-    where some recomputing layers may offload instead."""
+    where some recomputing layers may offload instead (one process only)."""
     if budget is None:
         return Choice(cfg, [], None)
     if cfg.model.attn_implementation == "eager":
@@ -227,7 +235,7 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
             return Choice(cfg, plans, None, own)
         if fitting:  # candidates run from the fastest
             chosen = fitting[0]
-            if gpu and OFFLOAD_KEY not in given and not cfg.model.shard:
+            if gpu and ranks == 1 and OFFLOAD_KEY not in given and not cfg.model.shard:
                 chosen = with_offloaded(chosen, cfg, hf_config, seq, ranks, budget)
             if DEQUANTIZED_KEY not in given and not cfg.model.shard:
                 chosen = with_dequantized(chosen, cfg, hf_config, seq, ranks, budget)

@@ -1,6 +1,7 @@
 """The step's arithmetic on the real 4-bit path: accumulation, logits at supervised positions only,
 GradScaler skips, the schedule."""
 
+import json
 import math
 from collections.abc import Callable
 
@@ -9,12 +10,14 @@ import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qlora.batching import collate, collate_packed, pack
-from qlora.config import TrainConfig
+from qlora.config import LoraConfig, ModelConfig, TrainConfig
 from qlora.data import IGNORE, Encoded, Example
+from qlora.errors import UserError
 from qlora.loop import accumulate_gradients, micro_batch_loss, optimizer_step
 from qlora.memory import MemoryMeter
-from qlora.model import compile_decoder_layers, decoder_layers
+from qlora.model import build_model, compile_decoder_layers, decoder_layers
 from qlora.optim import build_training_state, in_layout
+from tests.conftest import ROOT
 
 CPU = torch.device("cpu")
 METER = MemoryMeter(CPU)
@@ -195,29 +198,40 @@ def test_dequantized_layers_give_the_4bit_layers_loss_and_gradients(tiny_model_f
     assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
 
 
-def test_offloaded_layers_give_the_kept_layers_loss_and_gradients(tiny_model_factory):
-    """model.offload_layers: the second layer's saved activations go to host memory and back; the
-    loss and gradients are those of the layers keeping their activations, bit for bit, dropout
-    included, over two micro-batches: the second, shorter, one places its host copies in the
-    memory the first one's sized for the layer."""
+def test_offloaded_layers_give_the_kept_layers_loss_and_gradients(tmp_path):
+    """model.offload_layers on the tiny Llama grown to 8 layers: layers 1 and 5 send their saved
+    activations to host memory and back (layer 1 freed at layer 6, layer 5 before the last; brought
+    back from the backward of layers 3 and 7); the loss and gradients are those of layers keeping their
+    activations, bit for bit, dropout included, over two micro-batches (the second, shorter, one
+    placing its host copies in the arena the first one sized). Every GPU-side tensor is freed by the
+    end of the forward, and every copy back started ahead of its layer's backward."""
+    config = json.loads((ROOT / "configs" / "tiny" / "model" / "config.json").read_text())
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 8}))
     batches = [collate(make_rows(lengths, [5, 9], seed=s), 0) for s, lengths in ((8, [1000, 900]), (9, [800, 950]))]
     results = []
-    for kwargs in ({"recompute_layers": 0}, {"offload_layers": 1}):
-        model = tiny_model_factory("fp32", dropout=0.1, **kwargs)
+    for recompute, offload in ((0, 0), (None, 2)):
+        cfg = ModelConfig(name=str(tmp_path / "model"), random_init=True, random_init_cache=str(tmp_path / "cache"),
+                          recompute_layers=recompute, offload_layers=offload)
+        model = build_model(cfg, LoraConfig(r=16, dropout=0.1), "fp32", CPU, 0)
         torch.manual_seed(4)
         losses = []
         for batch in batches:
             loss = micro_batch_loss(model, batch, "fp32", CPU, True)
+            assert offload == 0 or not model.activation_offload.in_flight  # freed before the last layer
             loss.backward()
             losses.append(loss.detach())
         results.append((losses, lora_grads(model)))
-    layers = decoder_layers(model)
-    offload = layers[1]._gradient_checkpointing_func.func.__self__
-    assert offload.offloaded == [1] and layers[0]._gradient_checkpointing_func.args[1].keywords["use_reentrant"] is False
-    assert offload.copied_bytes >= 2 * 1900 * 192 * 4  # at least two MLP intermediates a micro-batch went to the host
-    assert offload.arenas[1].numel() >= offload.filled[1] >= offload.copied_bytes
+    offload = model.activation_offload
+    assert offload.offloaded == [1, 5] and not offload.saved and offload.late_copies == 0
+    assert offload.copied_bytes >= 2 * 2 * 1900 * 192 * 4  # at least two MLP intermediates a layer went to the host
+    assert offload.arenas[5].numel() >= offload.filled[5] > 0
     assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
     assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
+    first = micro_batch_loss(model, batches[1], "fp32", CPU, True)
+    micro_batch_loss(model, batches[1], "fp32", CPU, True)  # its host copies take the first one's place
+    with pytest.raises(UserError, match="second forward before the first one's backward"):
+        first.backward()
 
 
 def test_fp16_gradscaler_skips_a_step_on_inf(tiny_model_factory):
