@@ -12,6 +12,7 @@ from qlora.batching import pack_length
 from qlora.config import Config
 from qlora.memory import size
 from qlora.offload import RELEASE_AFTER
+from qlora.offload import offloaded_layers as offloaded
 
 # Logit positions kept by train.supervised_logits_only, as a share of a row's width: a position is
 # kept when it predicts an answer token in *some* row of the batch, so the union over a batch of 4
@@ -120,7 +121,8 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
     kept = shape.layers - recomputed
     live = kept + KEPT_WORKING if kept else RECOMPUTE_WORKING  # layers' saved tensors at the peak
     if offloaded_layers and recomputed:  # spaced LEAD + 1 or more: one layer brought back early at a time
-        in_flight = math.ceil(RELEASE_AFTER / (min(recomputed, shape.layers - 1) // offloaded_layers))
+        picked = offloaded(recomputed, shape.layers, offloaded_layers)  # one line if too many
+        in_flight = max(sum(i <= j < i + RELEASE_AFTER for j in picked) for i in picked)
         live = max(live, RECOMPUTE_WORKING + 1, min(kept, RELEASE_AFTER - 1) + in_flight)
     activations = recomputed * residual + live * layer_saved
     positions = seq if logits_everywhere else max(1, math.ceil(seq * SUPERVISED_POSITIONS))

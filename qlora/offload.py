@@ -15,9 +15,10 @@ How a step flows, for an offloaded layer j:
 
 Every decoder layer runs through `ActivationOffload.call` (its GradientCheckpointingLayer's
 `_gradient_checkpointing_func`), so the layers above an offloaded one can start its copies back.
-Offloaded layers are at least LEAD + 1 apart and never the last layer, so the estimate's one layer
-in flight holds (qlora/estimate.py). One forward, then its backward: a second forward through an
-offloaded layer before the first one's backward would reuse its host memory, and is refused.
+Offloaded layers are at least LEAD + 1 apart, so one layer at a time comes back early, and never
+the last layer (qlora/estimate.py prices both). One forward, then its backward: a second forward
+through an offloaded layer before the first one's backward reuses its host memory, and the first
+one's backward is refused.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ ALIGN = 512
 """Byte alignment of each host copy in its layer's arena (any dtype's, and the copy engines')."""
 RELEASE_AFTER = 5
 """The forward of layer j + RELEASE_AFTER (or of the last layer) frees offloaded layer j's GPU
-tensors: the compute stream waits there for their copies to the host, a GPU-side wait on copies
-normally long done (Llama-2-7B, rows of 8,192, one H200: 17 ms of copies, about four layers'
-forward). Freeing them once the CPU saw the copies done kept them through the backward's peak
+tensors: the compute stream waits there for their copies to the host, a GPU-side wait (Llama-2-7B,
+rows of 8,192, one H200: 17 ms of copies, about four layers' forward, so about a layer's margin;
+not measured). Freeing them once the CPU saw the copies done kept them through the backward's peak
 (0.57 GiB more than without offloading, bench/results/2026-11-29-session12-h200/call-e): the CPU
 runs layers ahead of the GPU."""
 LEAD = 2
@@ -112,6 +113,8 @@ class ActivationOffload:
         """Data pointers of the current offloaded call's keyword tensors (not copied)."""
         self.copied_bytes = 0
         """Bytes the latest forward copied to the host (train.py reports it)."""
+        self.brought_back: list[Offloaded] = []
+        """This backward's copies back (CUDA), until the next forward (`_drop_unread`)."""
         self.late_copies = 0
         """Copies back that began only when the backward needed them (a missed prefetch: a wait)."""
 
@@ -184,11 +187,23 @@ class ActivationOffload:
         RELEASE_AFTER below it (all of them before the last layer, so none is left at the
         backward's peak). The compute stream first waits for their copies (on the GPU, no CPU
         sync), so the work that reuses their memory runs after the copies have read it."""
+        if index == 0:
+            self._drop_unread()
         last = index == self.layers - 1
         while self.in_flight and (last or self.in_flight[0][0] <= index - RELEASE_AFTER):
             _, _, done = self.in_flight.popleft()
             if done is not None:
                 torch.cuda.current_stream(self.device).wait_event(done)
+
+    def _drop_unread(self) -> None:
+        """At a new forward: the copies back of the last backward are all read, except where it
+        stopped early. Those GPU tensors were allocated on the compute stream and written on the
+        copy stream: the compute stream waits for the copy before their memory can be reused."""
+        for saved in self.brought_back:
+            if saved.back is not None and saved.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(saved.ready)
+            saved.back = None
+        self.brought_back = []
 
     def _backward_starts(self, index: int, grad: torch.Tensor) -> None:
         for j in range(max(0, index - LEAD), index):
@@ -212,7 +227,7 @@ class ActivationOffload:
             saved.back.copy_(saved.host, non_blocking=True)
             saved.ready = torch.cuda.Event()
             saved.ready.record()
-        saved.back.record_stream(self.stream)  # freed unread (a backward cut short): not reused mid-copy
+        self.brought_back.append(saved)
 
     def _unpack(self, saved: torch.Tensor | Offloaded) -> torch.Tensor:
         if isinstance(saved, torch.Tensor):

@@ -63,6 +63,16 @@ def test_errors_name_the_key_and_what_is_allowed(tmp_path, override, message):
     assert message in str(e.value)
 
 
+def test_offloaded_layers_need_recompute_and_are_a_third_of_it_at_most(tmp_path):
+    for overrides, message in ((["model.recompute_layers=6", "model.offload_layers=3"],
+                                "model.offload_layers: at most a third of model.recompute_layers"),
+                               (["model.recompute_activations=false", "model.offload_layers=1"],
+                                "needs model.recompute_activations=true")):
+        with pytest.raises(UserError, match=message):
+            load_config(write(tmp_path, BASE), overrides)
+    assert load_config(write(tmp_path, BASE), ["model.recompute_layers=6", "model.offload_layers=2"])
+
+
 def test_all_problems_reported_at_once(tmp_path):
     with pytest.raises(UserError) as e:
         load_config(write(tmp_path, "model: {}\ndata: {source: x, colour: red}\ntrain: {output_dir: o, epochs: 0}"))

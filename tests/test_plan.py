@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import train
-from qlora.config import given_keys, load_config
+from qlora.config import check_values, given_keys, load_config
 from qlora.errors import UserError
 from qlora.estimate import estimate_for_config
 from qlora.memory import GIB, cap_memory
 from qlora.model import build_model, decoder_layers, read_architecture
+from qlora.offload import offloaded_layers
 from qlora.plan import (EAGER, OFFLOAD_EVERY, Budget, auto_budget_gib, candidates, choose, format_plans, resolve_budget,
                         row_lengths)
 from tests.conftest import ROOT, TINY_YAML
@@ -80,6 +81,26 @@ def test_on_a_gpu_one_recomputing_layer_in_six_offloads_instead():
         choice, _ = plan_for(budget, gpu=True)
         assert estimate_for_config(choice.config, arch, 2048)["total"] == choice.chosen.peak_bytes <= budget * GIB
     assert plan_for(9, gpu=True)[0].chosen.offloaded == 0  # 30 recompute, 2 kept: one more layer does not fit
+    cfg = load_config(LLAMA2, ["train.memory_budget_gib=16"])
+    arch = read_architecture(cfg.model)
+    assert choose(cfg, arch, 2048, set(), Budget(16, False), ranks=2, gpu=True).chosen.offloaded == 0  # torchrun
+    many, _ = plan_for(16, "model.offload_layers=20", gpu=True)  # the config's own count, as many as 24 allow
+    assert many.chosen.offloaded == 8 and many.config.model.offload_layers == 8 and not check_values(many.config)
+
+
+def test_offloaded_layers_are_spread_below_the_last_layer_three_apart_or_more():
+    assert offloaded_layers(24, 32, 4) == [3, 9, 15, 21]
+    for layers in range(2, 40):
+        for recomputed in range(1, layers + 1):
+            for n in range(1, min(recomputed, layers - 1) // 3 + 1):
+                picked = offloaded_layers(recomputed, layers, n)
+                assert len(picked) == n and picked[-1] < min(recomputed, layers - 1)
+                assert all(b - a >= 3 for a, b in zip(picked, picked[1:]))
+    with pytest.raises(UserError, match="at most a third of the recomputing layers below the last"):
+        offloaded_layers(32, 32, 11)
+    cfg = load_config(LLAMA2, ["model.offload_layers=32"])  # the estimate refuses too (before any model loads)
+    with pytest.raises(UserError, match="at most a third"):
+        estimate_for_config(cfg, read_architecture(cfg.model), 2048)
 
 
 def test_the_planned_layers_are_the_ones_that_recompute(tmp_path):
