@@ -38,11 +38,12 @@ MIN_BYTES = 1 << 20
 would cost more launches than the memory is worth."""
 ALIGN = 512
 """Byte alignment of each host copy in its layer's arena (any dtype's, and the copy engines')."""
-RELEASE_AFTER = 5
+RELEASE_AFTER = 6
 """The forward of layer j + RELEASE_AFTER (or of the last layer) frees offloaded layer j's GPU
 tensors: the compute stream waits there for their copies to the host, a GPU-side wait (Llama-2-7B,
-rows of 8,192, one H200: 17 ms of copies, about four layers' forward, so about a layer's margin;
-not measured). Freeing them once the CPU saw the copies done kept them through the backward's peak
+rows of 8,192, one H200: 17 ms of copies, about four layers' forward; the copies start as layer j
+ends, so five layers hide them with a layer's margin; not measured). Six is the plan's spacing
+(plan.py, OFFLOAD_EVERY): each offloaded layer frees the one before it. Freeing them once the CPU saw the copies done kept them through the backward's peak
 (0.57 GiB more than without offloading, bench/results/2026-11-29-session12-h200/call-e): the CPU
 runs layers ahead of the GPU."""
 LEAD = 2

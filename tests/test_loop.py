@@ -199,21 +199,24 @@ def test_dequantized_layers_give_the_4bit_layers_loss_and_gradients(tiny_model_f
 
 
 def test_offloaded_layers_give_the_kept_layers_loss_and_gradients(tmp_path):
-    """model.offload_layers on the tiny Llama grown to 8 layers: layers 1 and 5 send their saved
-    activations to host memory and back (layer 1 freed at layer 6, layer 5 before the last; brought
-    back from the backward of layers 3 and 7); the loss and gradients are those of layers keeping their
+    """model.offload_layers on the tiny Llama grown to 10 layers: layers 2 and 6 send their saved
+    activations to host memory and back (layer 2 freed at layer 8, layer 6 before the last; brought
+    back from the backward of layers 4 and 8); the loss and gradients are those of layers keeping their
     activations, bit for bit, dropout included, over two micro-batches (the second, shorter, one
     placing its host copies in the arena the first one sized). Every GPU-side tensor is freed by the
     end of the forward, and every copy back started ahead of its layer's backward."""
     config = json.loads((ROOT / "configs" / "tiny" / "model" / "config.json").read_text())
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 8}))
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10}))
     batches = [collate(make_rows(lengths, [5, 9], seed=s), 0) for s, lengths in ((8, [1000, 900]), (9, [800, 950]))]
     results = []
     for recompute, offload in ((0, 0), (None, 2)):
         cfg = ModelConfig(name=str(tmp_path / "model"), random_init=True, random_init_cache=str(tmp_path / "cache"),
                           recompute_layers=recompute, offload_layers=offload)
         model = build_model(cfg, LoraConfig(r=16, dropout=0.1), "fp32", CPU, 0)
+        in_flight_at_8 = []  # runs after the offload's call at layer 8 has freed what it frees
+        decoder_layers(model)[8].register_forward_pre_hook(
+            lambda *_: in_flight_at_8.append({j for j, _, _ in model.activation_offload.in_flight}) if offload else None)
         torch.manual_seed(4)
         losses = []
         for batch in batches:
@@ -223,9 +226,11 @@ def test_offloaded_layers_give_the_kept_layers_loss_and_gradients(tmp_path):
             losses.append(loss.detach())
         results.append((losses, lora_grads(model)))
     offload = model.activation_offload
-    assert offload.offloaded == [1, 5] and not offload.saved and offload.late_copies == 0
+    assert offload.offloaded == [2, 6] and not offload.saved and offload.late_copies == 0
+    # layer 2's tensors freed there, layer 6's before the last layer (then layer 8's recompute)
+    assert in_flight_at_8 == [{6}, set()] * 2
     assert offload.copied_bytes >= 2 * 2 * 1900 * 192 * 4  # at least two MLP intermediates a layer went to the host
-    assert offload.arenas[5].numel() >= offload.filled[5] > 0
+    assert offload.arenas[6].numel() >= offload.filled[6] > 0
     assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
     assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
     first = micro_batch_loss(model, batches[1], "fp32", CPU, True)
