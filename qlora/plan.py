@@ -5,7 +5,7 @@ What it plans: how many decoder layers recompute their activations (all, the fir
 only where nothing fits the config's packed rows, shorter rows (halves of the config's row length,
 down to data.max_length); then, on a GPU, one recomputing layer in OFFLOAD_EVERY offloading its
 activations instead (model.offload_layers), where the budget holds what that adds (nothing with
-five or more layers kept: qlora/estimate.py); then, in the memory left, how many layers keep their
+six or more layers kept: qlora/estimate.py); then, in the memory left, how many layers keep their
 base weights dequantized (model.dequantized_layers). Neither of the last two under model.shard.
 Recompute, offloaded and dequantized layers never change the gradient. Shorter rows group the
 same examples a step into more rows: the same step, up to floating-point order and the LoRA
