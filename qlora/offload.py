@@ -63,13 +63,20 @@ class Offloaded:
     """On CUDA: recorded on the copy stream after the copy into `back`."""
 
 
+def most_offloaded(recomputed: int, layers: int) -> int:
+    """How many of the first `recomputed` layers (of `layers`) may offload: a third of those below
+    the last layer (no layer above it would start its copies back), LEAD + 1 apart."""
+    return min(recomputed, layers - 1) // (LEAD + 1)
+
+
 def offloaded_layers(recomputed: int, layers: int, n: int) -> list[int]:
-    """Which of the first `recomputed` layers (of `layers`) offload instead: n of them, evenly
-    spread below the last layer (no layer above it would start its copies back)."""
-    span = min(recomputed, layers - 1)
-    if n > span // (LEAD + 1):
+    """Which of the first `recomputed` layers offload instead: n of them, evenly spread below the
+    last layer."""
+    if n > most_offloaded(recomputed, layers):
         raise UserError(f"model.offload_layers={n}: at most a third of the recomputing layers below the last "
-                        f"({span // (LEAD + 1)} here), so that each one's copies back overlap the layers between")
+                        f"({most_offloaded(recomputed, layers)} here), so that each one's copies back overlap "
+                        f"the layers between")
+    span = min(recomputed, layers - 1)
     return [int((k + 0.5) * span / n) for k in range(n)]
 
 
@@ -110,14 +117,14 @@ class ActivationOffload:
         """Bytes of its arena the layer's current forward has used (or would have)."""
         self.forwards: dict[int, int] = {}
         """How many forwards each offloaded layer has run (the arena's generation)."""
-        self.shared: set[int] = set()
-        """Data pointers of the current offloaded call's keyword tensors (not copied)."""
         self.copied_bytes = 0
         """Bytes the latest forward copied to the host (train.py reports it)."""
         self.brought_back: list[Offloaded] = []
         """This backward's copies back (CUDA), until the next forward (`_drop_unread`)."""
         self.late_copies = 0
         """Copies back that began only when the backward needed them (a missed prefetch: a wait)."""
+        self.prefetches = {i: [j for j in offloaded if i - LEAD <= j < i] for i in range(layers)}
+        """The offloaded layers whose copies back each layer's backward starts."""
 
     def call(self, index: int, inner: Callable[..., Any]) -> Callable[..., Any]:
         """The function layer `index` runs its forward through: `inner` (recompute, or a plain
@@ -126,23 +133,26 @@ class ActivationOffload:
         return partial(self._call, index, inner)
 
     def _call(self, index: int, inner: Callable[..., Any], forward: Callable[..., Any], *args: Any) -> Any:
+        if index == 0:
+            self._drop_unread()
         self._release(index)
         if index in self.offloaded and torch.is_grad_enabled():
-            self._start_forward(index, forward)
-            with torch.autograd.graph.saved_tensors_hooks(partial(self._pack, index), self._unpack):
+            self._start_forward(index)
+            # the call's keyword tensors (rotary embeddings, masks) are every layer's: copying them frees nothing
+            shared = storages_in(getattr(forward, "keywords", {}).values())
+            with torch.autograd.graph.saved_tensors_hooks(partial(self._pack, index, shared), self._unpack):
                 out = forward(*args)
         else:
             out = inner(forward, *args)
         hidden = out[0] if isinstance(out, tuple) else out
-        if hidden.requires_grad:
+        if self.prefetches[index] and hidden.requires_grad:
             hidden.register_hook(partial(self._backward_starts, index))
         return out
 
-    def _start_forward(self, index: int, forward: Callable[..., Any]) -> None:
+    def _start_forward(self, index: int) -> None:
         """Before an offloaded layer's forward: an arena as large as its largest forward so far
         needed (the first forward, and a larger one, place their tensors in memory of their own; the
-        old arena lives on in the host copies still waiting for their backward). The call's own
-        keyword tensors (rotary embeddings, masks) are every layer's: copying them frees nothing."""
+        old arena lives on in the host copies still waiting for their backward)."""
         if index == self.offloaded[0]:
             self.copied_bytes = 0
         arena, need = self.arenas.get(index), self.filled.get(index, 0)
@@ -151,12 +161,11 @@ class ActivationOffload:
         self.filled[index] = 0
         self.forwards[index] = self.forwards.get(index, 0) + 1
         self.saved[index] = []
-        self.shared = storages_in(getattr(forward, "keywords", {}).values())
 
-    def _pack(self, index: int, t: torch.Tensor) -> torch.Tensor | Offloaded:
+    def _pack(self, index: int, shared: set[int], t: torch.Tensor) -> torch.Tensor | Offloaded:
         storage = t.untyped_storage().data_ptr()
         if (t.device != self.device or t.nbytes < MIN_BYTES or not t.is_contiguous()
-                or storage in self.skipped or storage in self.shared):
+                or storage in self.skipped or storage in shared):
             return t
         saved = Offloaded(index, self._host_place(index, t), self.forwards[index])
         if self.stream is None:
@@ -188,8 +197,6 @@ class ActivationOffload:
         RELEASE_AFTER below it (all of them before the last layer, so none is left at the
         backward's peak). The compute stream first waits for their copies (on the GPU, no CPU
         sync), so the work that reuses their memory runs after the copies have read it."""
-        if index == 0:
-            self._drop_unread()
         last = index == self.layers - 1
         while self.in_flight and (last or self.in_flight[0][0] <= index - RELEASE_AFTER):
             _, _, done = self.in_flight.popleft()
@@ -207,8 +214,8 @@ class ActivationOffload:
         self.brought_back = []
 
     def _backward_starts(self, index: int, grad: torch.Tensor) -> None:
-        for j in range(max(0, index - LEAD), index):
-            if j in self.saved:
+        for j in self.prefetches[index]:
+            if j in self.saved:  # not already started by the layer above
                 self._prefetch(j)
 
     def _prefetch(self, layer: int) -> None:

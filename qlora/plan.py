@@ -46,7 +46,7 @@ from qlora.distributed import launched_ranks, local_device
 from qlora.errors import UserError
 from qlora.estimate import estimate_for_config
 from qlora.memory import GIB
-from qlora.offload import LEAD
+from qlora.offload import most_offloaded
 
 DEQUANTIZED_GAIN = 0.040
 """A step with every layer's base dequantized once (model.dequantized_layers) takes 1 - DEQUANTIZED_GAIN
@@ -184,7 +184,7 @@ def candidates(cfg: Config, hf_config: Any, seq: int, ranks: int = 1, rows: int 
 
 def own_offloaded(cfg: Config, recomputed: int, layers: int) -> int:
     """The config's model.offload_layers, as many as `recomputed` layers allow (qlora/offload.py)."""
-    return min(cfg.model.offload_layers, min(recomputed, layers - 1) // (LEAD + 1))
+    return min(cfg.model.offload_layers, most_offloaded(recomputed, layers))
 
 
 def recomputed_layers(cfg: Config, layers: int) -> int:
