@@ -126,19 +126,31 @@ PLAN_RUNS = [  # (log of bench/budget_gpu.sh, its EXTRA overrides): one H200, th
     ("2026-11-28-session10-h200/budget-15-rows2048.log", ["data.pack_length=2048"]),
     ("2026-11-28-session10-h200/budget-15-rows4096.log", ["data.pack_length=4096"]),
     ("2026-11-28-session10-h200/budget-75-rows16384.log", ["data.pack_length=16384"]),
-    ("2026-11-29-session11-h200/call-a/budget-75-deq32.log", ["model.dequantized_layers=32"])]
+    ("2026-11-29-session11-h200/call-a/budget-75-deq32.log", ["model.dequantized_layers=32"]),
+    ("2026-11-29-session11-h200/call-b/budget-75.log", []),
+    ("2026-11-29-session11-h200/call-b/budget-15.log", []),
+    ("2026-11-29-session13-h200/call-a/budget-15.5-off.log", ["model.offload_layers=0"]),
+    ("2026-11-29-session13-h200/call-a/budget-15.5.log", []),
+    ("2026-11-29-session13-h200/call-a/budget-16.log", [])]
+
+
+def plan_overrides(log: str) -> list[str]:
+    """The config keys of the plan a run printed ("memory plan: recompute 24 of 32 layers (4 of them
+    offload instead), 1 dequantized, ...")."""
+    plan = re.search(r"memory plan: recompute (\d+) of 32 layers(?: \((\d+) of them offload instead\))?"
+                     r"(?:, (\d+) dequantized)?", log)
+    keys = ["model.recompute_layers", "model.offload_layers", "model.dequantized_layers"]
+    return [f"{key}={value}" for key, value in zip(keys, plan.groups()) if value is not None]
 
 
 @pytest.mark.parametrize("log, overrides", PLAN_RUNS)
 def test_the_estimate_of_each_plan_run_is_above_and_within_5_percent_of_its_peak(log, overrides):
     """The plans train.memory_budget_gib picked on the GPU (rows of 2,048 to 16,384 tokens, 0 to 25
-    layers recomputed, 0 or 32 dequantized): today's estimate of each, against the run's measured
-    peak allocated."""
+    layers recomputed, 0 to 32 dequantized, 0 or 4 offloaded): today's estimate of each, against the
+    run's measured peak allocated."""
     text = (ROOT / "bench" / "results" / log).read_text()
     measured = measured_peak_gib(text)
-    recomputed = int(re.search(r"memory plan: recompute (\d+) of 32 layers", text).group(1))
-    cfg = load_config(ROOT / "configs" / "llama2-7b-korquad.yaml",
-                      [*overrides, f"model.recompute_layers={recomputed}"])
+    cfg = load_config(ROOT / "configs" / "llama2-7b-korquad.yaml", [*overrides, *plan_overrides(text)])
     estimate = estimate_for_config(cfg, read_architecture(cfg.model), cfg.data.max_length)["total"] / GIB
     assert measured < estimate < 1.05 * measured
 
