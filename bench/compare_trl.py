@@ -168,6 +168,10 @@ def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_las
             max(filter(None, (m["peak_reserved_gib"] for m in peaks)), default=None))}
         if check is not None:
             row["step0_loss_relative_to_sdpa"] = check
+        if model.activation_offload is not None:  # model.offload_layers (qlora/offload.py)
+            row["offload"] = {"layers": model.activation_offload.offloaded,
+                              "gib_last_micro_batch": model.activation_offload.copied_bytes / 2**30,
+                              "late_copies": model.activation_offload.late_copies}
         if variant.model.compile_layers:
             from torch._dynamo.utils import counters
             row["compile"] = {"graph_breaks": sum(counters["graph_break"].values()),
