@@ -280,9 +280,10 @@ def summary(args: argparse.Namespace, result: FitResult, estimate: dict[str, int
             f", measured {result.peak_gib:.2f} GiB ({100 * (predicted - result.peak_gib) / result.peak_gib:+.1f}%)"
             if result.peak_gib is not None else " (measured only on CUDA)"))
     if offload is not None:  # late copies back: a prefetch missed, the backward waited for the copy
-        lines.append(f"memory: layers {', '.join(map(str, offload.offloaded))} offloaded "
-                     f"{offload.copied_bytes / 2**30:.2f} GiB to host memory in the last micro-batch; "
-                     f"{offload.late_copies} copies back began late")
+        what = [*([f"layers {', '.join(map(str, offload.offloaded))}"] if offload.offloaded else []),
+                *([f"the inputs of {len(offload.inputs)} recomputing layers"] if offload.inputs else [])]
+        lines.append(f"memory: {' and '.join(what)} offloaded {offload.copied_bytes / 2**30:.2f} GiB to host "
+                     f"memory in the last micro-batch; {offload.late_copies} copies back began late")
     lines.append(f"metrics: {run_dir / 'metrics.jsonl'}; checkpoint: {result.checkpoint}")
     if final is not None:
         lines.append(f"adapter, tokenizer and config: {final}")

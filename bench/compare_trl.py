@@ -15,7 +15,9 @@ and is imported only here.
 `ours` runs the levers one after another on one loaded model, each a set of config overrides
 added to the last (LEVERS): plain -> +length grouping -> +logits at supervised positions ->
 +compute-dtype norms -> no cuDNN attention -> +varlen attention -> +packing -> +compiled decoder
-layers (-> +fewer recomputed layers, with model.recompute_layers=N).
+layers (-> +fewer recomputed layers, with model.recompute_layers=N) (-> with --budget GiB, the memory
+plan train.memory_budget_gib would make for the last variant: recompute, offloaded layers and
+inputs, dequantized layers; as a GPU run in one process plans them).
 The job both sides run is JOB (config overrides, printed in the result file) on top of --config;
 further overrides (tokenizer, data file) come after the options. Runs on a CPU too, slowly, with
 configs/tiny.yaml: a check that the script works, not a measurement.
@@ -47,6 +49,7 @@ from qlora.memory import GIB, MemoryMeter, step_peak_gib  # noqa: E402
 from qlora.families import LEVER_LIMITS  # noqa: E402
 from qlora.model import apply_levers, build_model, load_base_model, load_tokenizer, read_architecture, resolve_device  # noqa: E402
 from qlora.optim import build_training_state  # noqa: E402
+from qlora.plan import Budget, choose  # noqa: E402
 from qlora.prompts import build_prompter  # noqa: E402
 
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM; the H200 has the same tensor cores
@@ -133,7 +136,7 @@ def run_steps(model: Any, cfg: Config, order: DataOrder, device: torch.device, s
 # ---------------------------------------------------------------- our loop
 
 def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_last: bool = False,
-             skip: tuple[str, ...] = ()) -> list[dict]:
+             skip: tuple[str, ...] = (), budget: float | None = None) -> list[dict]:
     cfg, tokenizer, data, device = setup(config, shape, overrides)
     levers = LEVERS + ([(f"+recompute {cfg.model.recompute_layers} of "
                          f"{read_architecture(cfg.model).num_hidden_layers} layers",
@@ -145,6 +148,11 @@ def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_las
         added += change
         variants.append((name if not skip else f"{name} (without {', '.join(skip)})",
                          job_config(config, shape, overrides, added)))
+    if budget is not None:  # train.memory_budget_gib's plan for the last variant, every planned key left to it
+        last = variants[-1][1]
+        choice = choose(last, read_architecture(last.model), max(len(r.input_ids) for r in data.rows), set(),
+                        Budget(budget, False), gpu=device.type == "cuda")
+        variants.append((f"+memory plan for {budget:g} GiB: {choice.chosen.describe()}", choice.config))
     model = build_model(variants[0][1].model, cfg.lora, cfg.train.precision, device, cfg.train.seed)
     params, results, previous = n_params(cfg), [], variants[0][1]
     for index, (name, variant) in enumerate(variants):
@@ -169,7 +177,7 @@ def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_las
         if check is not None:
             row["step0_loss_relative_to_sdpa"] = check
         if model.activation_offload is not None:  # model.offload_layers (qlora/offload.py)
-            row["offload"] = {"layers": model.activation_offload.offloaded,
+            row["offload"] = {"layers": model.activation_offload.offloaded, "inputs": model.activation_offload.inputs,
                               "gib_last_micro_batch": model.activation_offload.copied_bytes / 2**30,
                               "late_copies": model.activation_offload.late_copies}
         if variant.model.compile_layers:
@@ -339,12 +347,14 @@ def main() -> None:
     p.add_argument("--only-last", action="store_true", help="ours: time only the variant with every lever")
     p.add_argument("--skip", action="append", default=[], choices=[name for name, _ in LEVERS[1:]],
                    help="ours: a lever to leave out, by name (repeat for more)")
+    p.add_argument("--budget", type=float, help="ours: then the memory plan for this many GiB (train.memory_budget_gib)")
     args = p.parse_intermixed_args()
     if args.mode == "table":
         table([Path(x) for x in args.rest])
         return
     if args.mode == "ours":
-        results = run_ours(args.config, args.shape, args.rest, args.steps, args.only_last, tuple(args.skip))
+        results = run_ours(args.config, args.shape, args.rest, args.steps, args.only_last, tuple(args.skip),
+                           args.budget)
     else:
         results = {"trl": run_trl, "parity": run_parity}[args.mode](args.config, args.shape, args.rest, args.steps)
     if args.out:

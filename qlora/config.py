@@ -74,6 +74,11 @@ class ModelConfig:
            "host<->GPU copies that overlap the compute of the layers in between (and about N layers' "
            "activations of pinned host memory). Fast while the copies keep up with the compute. The memory "
            "plan offloads one recomputing layer in six on one GPU.", resume_safe=True)
+    offload_inputs: bool = key(
+        False, "The recomputing layers (below the last one) keep the input they recompute from in pinned host "
+               "memory instead of on the GPU (qlora/offload.py): one [tokens, hidden] tensor a layer copied out "
+               "in the forward and back two layers ahead in the backward, for the same numbers. The memory "
+               "plan turns it on on one GPU.", resume_safe=True)
     compile_layers: bool = key(
         False, "torch.compile each decoder layer (dynamic shapes): fuses the norms, rotary embedding, LoRA "
                "scaling and activation that otherwise run as dozens of memory-bound kernels. The first "
@@ -455,6 +460,11 @@ def check_values(cfg: Config) -> list[str]:
         (m.offload_layers == 0 or m.recompute_activations,
          "model.offload_layers: offloads some of the recomputing layers; needs model.recompute_activations=true"),
         (not m.shard or m.offload_layers == 0, "model.shard=true: needs model.offload_layers=0 (not tried under FSDP)"),
+        (not m.offload_inputs or m.recompute_activations,
+         "model.offload_inputs: offloads the recomputing layers' inputs; needs model.recompute_activations=true"),
+        (not m.offload_inputs or not m.recompute_reentrant,
+         "model.offload_inputs: needs model.recompute_reentrant=false (the reentrant recompute saves its inputs itself)"),
+        (not m.shard or not m.offload_inputs, "model.shard=true: needs model.offload_inputs=false (not tried under FSDP)"),
         (m.recompute_layers is None or m.offload_layers <= m.recompute_layers // 3,
          "model.offload_layers: at most a third of model.recompute_layers (each one's copies back overlap the "
          "layers between)"),

@@ -11,7 +11,7 @@ from typing import Any
 from qlora.batching import pack_length
 from qlora.config import Config
 from qlora.memory import size
-from qlora.offload import RELEASE_AFTER
+from qlora.offload import INPUT_RELEASE_AFTER, RELEASE_AFTER
 from qlora.offload import offloaded_layers as offloaded
 
 # Logit positions kept by train.supervised_logits_only, as a share of a row's width: a position is
@@ -68,7 +68,7 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
                   lora_dropout: bool, optimizer: str, recompute: bool, double_quant: bool,
                   logits_everywhere: bool, compute_bytes: int = 2, stream_bytes: int = 4,
                   recompute_layers: int | None = None, compiled: bool = False, shards: int = 1,
-                  dequantized_layers: int = 0, offloaded_layers: int = 0) -> dict[str, int]:
+                  dequantized_layers: int = 0, offloaded_layers: int = 0, inputs_offloaded: bool = False) -> dict[str, int]:
     """Predicted peak allocated bytes of one training step, by component.
 
     - quantized weights: 4 bits per weight + one absmax per 64 weights (8-bit with double
@@ -87,7 +87,10 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
       gradients (after the kept layers are freed). An offloaded layer (model.offload_layers) counts
       as a recomputed one, with more saved tensors where they can make the peak: the layers whose
       copies are still in flight while the first kept layers run forward (those within
-      RELEASE_AFTER layers), and one layer brought back early beside a recompute;
+      RELEASE_AFTER layers), and one layer brought back early beside a recompute. With their inputs
+      offloaded (model.offload_inputs), the recomputing layers keep INPUT_RELEASE_AFTER + 1 inputs
+      on the GPU at most (in flight in the forward; put back early, and the last layer's, in the
+      backward);
     - logits: fp32 [batch, positions, vocab] plus its gradient, at every position or only at the
       SUPERVISED_POSITIONS share;
     - sharded over `shards` ranks (model.shard, FSDP): each rank keeps 1/N of the packed 4-bit
@@ -124,7 +127,8 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
         picked = offloaded(recomputed, shape.layers, offloaded_layers)  # one line if too many
         in_flight = max(sum(i <= j < i + RELEASE_AFTER for j in picked) for i in picked)
         live = max(live, RECOMPUTE_WORKING + 1, min(kept, RELEASE_AFTER - 1) + in_flight)
-    activations = recomputed * residual + live * layer_saved
+    inputs = min(recomputed, INPUT_RELEASE_AFTER + 1) if inputs_offloaded else recomputed
+    activations = inputs * residual + live * layer_saved
     positions = seq if logits_everywhere else max(1, math.ceil(seq * SUPERVISED_POSITIONS))
     logits = batch * positions * shape.vocab * (compute_bytes + 4 + 4)
     # dequantizing one weight matrix for the matmul, forward and backward
@@ -160,7 +164,7 @@ def estimate_for_config(cfg: Config, hf_config: Any, seq: int, ranks: int = 1) -
                          stream_bytes=4 if cfg.model.upcast_non_quantized else compute_bytes,
                          compiled=cfg.model.compile_layers, shards=ranks if cfg.model.shard else 1,
                          dequantized_layers=cfg.model.dequantized_layers,
-                         offloaded_layers=cfg.model.offload_layers)
+                         offloaded_layers=cfg.model.offload_layers, inputs_offloaded=cfg.model.offload_inputs)
 
 
 def format_estimate(estimate: dict[str, int]) -> str:

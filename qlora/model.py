@@ -117,7 +117,8 @@ def apply_levers(model: PeftModel, cfg: ModelConfig, precision: str) -> None:
     if not cfg.upcast_non_quantized:
         cast_frozen_fp32(model, DTYPES[precision])
     # after the casts and swaps: it records where the model's own tensors live
-    model.activation_offload = offload_some_layers(model, cfg.offload_layers if cfg.recompute_activations else 0)
+    model.activation_offload = offload_some_layers(model, cfg.offload_layers if cfg.recompute_activations else 0,
+                                                   cfg.offload_inputs and cfg.recompute_activations)
     if cfg.compile_layers:
         compile_decoder_layers(model)
 
@@ -157,15 +158,18 @@ def recompute_first_layers(model: torch.nn.Module, n: int | None) -> None:
         layer.gradient_checkpointing = n is None or i < n
 
 
-def offload_some_layers(model: torch.nn.Module, n: int) -> ActivationOffload | None:
-    """Make n of the recomputing layers offload their activations instead (qlora/offload.py). Every
-    layer then runs through the offload's call, whose hooks start the copies back in the backward."""
-    if n == 0:
+def offload_some_layers(model: torch.nn.Module, n: int, inputs: bool = False) -> ActivationOffload | None:
+    """Make n of the recomputing layers offload their activations instead, and with `inputs` the
+    others (below the last layer) keep their checkpointed input in host memory (qlora/offload.py).
+    Every layer then runs through the offload's call, whose hooks start the copies back in the backward."""
+    if n == 0 and not inputs:
         return None
     layers = decoder_layers(model)
     recomputed = sum(layer.gradient_checkpointing for layer in layers)  # the first ones
+    offloaded = offloaded_layers(recomputed, len(layers), n) if n else []
+    held = [i for i in range(min(recomputed, len(layers) - 1)) if i not in offloaded] if inputs else []
     device = next(model.parameters()).device
-    offload = ActivationOffload(model, offloaded_layers(recomputed, len(layers), n), len(layers), device)
+    offload = ActivationOffload(model, offloaded, len(layers), device, held)
     for i, layer in enumerate(layers):
         inner = layer._gradient_checkpointing_func if layer.gradient_checkpointing else call_directly
         layer.gradient_checkpointing = True  # GradientCheckpointingLayer.__call__ runs the function below

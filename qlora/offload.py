@@ -13,6 +13,13 @@ How a step flows, for an offloaded layer j:
   layer's output starts copying layer j's tensors back (`prefetch`), so they are on the GPU when
   layer j's backward unpacks them.
 
+Offloaded inputs (model.offload_inputs): a recomputing layer keeps only its input for the backward
+(held by torch.utils.checkpoint), one [tokens, hidden] tensor a layer. Those inputs go to pinned host
+memory too: copied out as the layer's forward starts, their GPU memory freed (the storage resized
+to nothing, as FSDP frees its gathered weights) at the forward of layer j + INPUT_RELEASE_AFTER,
+and put back into the same storage from the backward of layer j + LEAD on, before the recompute
+reads it (the recomputed function waits for the copy, or makes it, if it was not started).
+
 Every decoder layer runs through `ActivationOffload.call` (its GradientCheckpointingLayer's
 `_gradient_checkpointing_func`), so the layers above an offloaded one can start its copies back.
 Offloaded layers are at least LEAD + 1 apart, so one layer at a time comes back early, and never
@@ -46,6 +53,10 @@ ends, so five layers hide them with a layer's margin; not measured). Six is the 
 (plan.py, OFFLOAD_EVERY): each offloaded layer frees the one before it. Freeing them once the CPU saw the copies done kept them through the backward's peak
 (0.57 GiB more than without offloading, bench/results/2026-11-29-session12-h200/call-e): the CPU
 runs layers ahead of the GPU."""
+INPUT_RELEASE_AFTER = 3
+"""The forward of layer j + INPUT_RELEASE_AFTER (or of the last layer) frees recomputing layer j's
+input (model.offload_inputs): a copy of 64-128 MiB (Llama-2-7B, rows of 8,192, bf16 or fp32) takes
+1.2-2.4 ms at 54 GB/s, and may queue behind an offloaded layer's copies on the one copy stream."""
 LEAD = 2
 """The backward of layer j + LEAD starts bringing layer j's tensors back: two layers' backward to
 hide the copy in; offloaded layers LEAD + 1 apart or more have one layer back early at a time."""
@@ -61,6 +72,26 @@ class Offloaded:
     back: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None
     """On CUDA: recorded on the copy stream after the copy into `back`."""
+
+
+@dataclass
+class OffloadedInput:
+    """The input a recomputing layer's checkpoint keeps, while its GPU storage is freed."""
+    layer: int
+    tensor: torch.Tensor
+    """The input itself: torch.utils.checkpoint holds it and recomputes from it."""
+    host: torch.Tensor
+    """Its storage's bytes, in the layer's arena."""
+    forward: int
+    done: torch.cuda.Event | None = None
+    """On CUDA: recorded on the copy stream after the copy out."""
+    ready: torch.cuda.Event | None = None
+    """On CUDA: recorded on the copy stream after the copy back."""
+    restored: bool = False
+
+    def storage_bytes(self) -> torch.Tensor:
+        """The storage's bytes, as a tensor of its own (copying into it leaves the input's version alone)."""
+        return torch.empty(0, dtype=torch.uint8, device=self.tensor.device).set_(self.tensor.untyped_storage())
 
 
 def most_offloaded(recomputed: int, layers: int) -> int:
@@ -99,10 +130,13 @@ def storages_in(values: Any) -> set[int]:
 
 
 class ActivationOffload:
-    """The saved-tensor hooks and copy bookkeeping for the offloaded layers of one model."""
+    """The saved-tensor hooks, the offloaded inputs and the copy bookkeeping of one model."""
 
-    def __init__(self, model: torch.nn.Module, offloaded: list[int], layers: int, device: torch.device):
+    def __init__(self, model: torch.nn.Module, offloaded: list[int], layers: int, device: torch.device,
+                 inputs: list[int] = ()):
         self.offloaded, self.layers, self.device = offloaded, layers, device
+        self.inputs = list(inputs)
+        """The recomputing layers whose checkpointed input goes to host memory (model.offload_inputs)."""
         self.skipped = model_storages(model)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.saved: dict[int, list[Offloaded]] = {}
@@ -110,39 +144,53 @@ class ActivationOffload:
         self.in_flight: deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = deque()
         """GPU tensors copied to the host, not yet freed: (layer, tensor, copy done; None on the CPU)."""
         self.arenas: dict[int, torch.Tensor] = {}
-        """Each offloaded layer's host memory, reused every micro-batch: allocating pinned memory
+        """Each offloading layer's host memory, reused every micro-batch: allocating pinned memory
         takes about 0.5 s a GiB and synchronizes the GPU, so a new tensor shape (a step's shorter
         last row) must not allocate."""
         self.filled: dict[int, int] = {}
         """Bytes of its arena the layer's current forward has used (or would have)."""
         self.forwards: dict[int, int] = {}
-        """How many forwards each offloaded layer has run (the arena's generation)."""
+        """How many forwards each offloading layer has run (the arena's generation)."""
         self.copied_bytes = 0
         """Bytes the latest forward copied to the host (train.py reports it)."""
         self.brought_back: list[Offloaded] = []
-        """This backward's copies back (CUDA), until the next forward (`_drop_unread`)."""
+        """This backward's copies back, until the next forward (`_drop_unread`)."""
+        self.inputs_back: dict[int, OffloadedInput] = {}
+        """Inputs put back whose recompute has not yet read them (until the next forward)."""
         self.late_copies = 0
         """Copies back that began only when the backward needed them (a missed prefetch: a wait)."""
-        self.prefetches = {i: [j for j in offloaded if i - LEAD <= j < i] for i in range(layers)}
-        """The offloaded layers whose copies back each layer's backward starts."""
+        self.held: dict[int, OffloadedInput] = {}
+        """Each input-offloading layer's input from its latest forward, until its copy back starts."""
+        self.inputs_in_flight: deque[OffloadedInput] = deque()
+        """Inputs copied to the host whose GPU storage is not yet freed."""
+        self.prefetches = {i: [j for j in sorted({*offloaded, *self.inputs}) if i - LEAD <= j < i] for i in range(layers)}
+        """The offloaded layers, and the layers with offloaded inputs, whose copies back each layer's
+        backward starts."""
 
     def call(self, index: int, inner: Callable[..., Any]) -> Callable[..., Any]:
         """The function layer `index` runs its forward through: `inner` (recompute, or a plain
-        call) or, for an offloaded layer, the call under the offloading hooks; then the hook that
-        starts the prefetch of the offloaded layers below it."""
+        call; a recompute from an input that goes to the host and back) or, for an offloaded layer,
+        the call under the offloading hooks; then the hook that starts the copies back of the layers
+        below it."""
         return partial(self._call, index, inner)
 
     def _call(self, index: int, inner: Callable[..., Any], forward: Callable[..., Any], *args: Any) -> Any:
         if index == 0:
             self._drop_unread()
+            self.copied_bytes = 0
         self._release(index)
         if index in self.offloaded and torch.is_grad_enabled():
             self._start_forward(index)
+            self.saved[index] = []
             # the call's keyword tensors (rotary embeddings, masks) are every layer's: copying them frees nothing
             shared = storages_in(getattr(forward, "keywords", {}).values())
             with torch.autograd.graph.saved_tensors_hooks(partial(self._pack, index, shared), self._unpack):
                 out = forward(*args)
         else:
+            if index in self.inputs and torch.is_grad_enabled():
+                held = self._copy_input(index, args[0])
+                if held is not None:  # the checkpoint recomputes through this wrapper: the input is back first
+                    forward = partial(self._with_input_back, held, forward)
             out = inner(forward, *args)
         hidden = out[0] if isinstance(out, tuple) else out
         if self.prefetches[index] and hidden.requires_grad:
@@ -150,17 +198,14 @@ class ActivationOffload:
         return out
 
     def _start_forward(self, index: int) -> None:
-        """Before an offloaded layer's forward: an arena as large as its largest forward so far
+        """Before an offloading layer's forward: an arena as large as its largest forward so far
         needed (the first forward, and a larger one, place their tensors in memory of their own; the
         old arena lives on in the host copies still waiting for their backward)."""
-        if index == self.offloaded[0]:
-            self.copied_bytes = 0
         arena, need = self.arenas.get(index), self.filled.get(index, 0)
         if need and (arena is None or arena.numel() < need):
             self.arenas[index] = torch.empty(need, dtype=torch.uint8, pin_memory=self.stream is not None)
         self.filled[index] = 0
         self.forwards[index] = self.forwards.get(index, 0) + 1
-        self.saved[index] = []
 
     def _pack(self, index: int, shared: set[int], t: torch.Tensor) -> torch.Tensor | Offloaded:
         storage = t.untyped_storage().data_ptr()
@@ -168,19 +213,65 @@ class ActivationOffload:
                 or storage in self.skipped or storage in shared):
             return t
         saved = Offloaded(index, self._host_place(index, t), self.forwards[index])
-        if self.stream is None:
-            saved.host.copy_(t)
-            done = None
-        else:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # t is written on the compute stream
-            with torch.cuda.stream(self.stream):
-                saved.host.copy_(t, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record()
+        done = self._copy(saved.host, t)
         self.in_flight.append((index, t, done))  # t lives until a later layer's _release
         self.saved[index].append(saved)
         self.copied_bytes += t.nbytes
         return saved
+
+    def _copy_input(self, index: int, hidden: torch.Tensor) -> OffloadedInput | None:
+        """Start copying a recomputing layer's input to the host; None where its storage is not
+        exactly the input (freeing it would free other tensors too)."""
+        storage = hidden.untyped_storage()
+        if (hidden.device != self.device or not hidden.is_contiguous() or hidden.storage_offset()
+                or storage.nbytes() != hidden.nbytes or not storage.resizable()):
+            return None
+        self._start_forward(index)
+        held = OffloadedInput(index, hidden, torch.empty(0), self.forwards[index])
+        source = held.storage_bytes()
+        held.host = self._host_place(index, source)
+        held.done = self._copy(held.host, source)
+        self.held[index] = held
+        self.inputs_in_flight.append(held)
+        self.copied_bytes += hidden.nbytes
+        return held
+
+    def _copy(self, target: torch.Tensor, source: torch.Tensor) -> torch.cuda.Event | None:
+        """target <- source on the copy stream, after the compute stream's work so far (which wrote
+        source, or last used target's memory); the event records the copy's end (None on the CPU)."""
+        if self.stream is None:
+            target.copy_(source)
+            return None
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            target.copy_(source, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        return done
+
+    def _with_input_back(self, held: OffloadedInput, forward: Callable[..., Any], *args: Any) -> Any:
+        """The layer's forward, run by the checkpoint: first in the forward pass (the input is still
+        there), then in the backward's recompute, which reads the input put back into its storage."""
+        if held.tensor.untyped_storage().nbytes():
+            if held.restored and self.inputs_back.get(held.layer) is held:
+                del self.inputs_back[held.layer]  # read now: no reference left here once the recompute is done
+                if held.ready is not None:
+                    torch.cuda.current_stream(self.device).wait_event(held.ready)  # GPU-side wait
+            return forward(*args)
+        if held.forward != self.forwards[held.layer]:
+            raise UserError(f"layer {held.layer} offloads its input (model.offload_inputs), and ran a second "
+                            f"forward before the first one's backward: one forward, then its backward")
+        self.late_copies += 1  # not put back ahead of time: put back now, and wait for it
+        self._put_back(held)
+        return self._with_input_back(held, forward, *args)
+
+    def _put_back(self, held: OffloadedInput) -> None:
+        """Reallocate the input's storage (on the compute stream) and copy its bytes back into it.
+        GPU memory: one input, LEAD layers early."""
+        self.held.pop(held.layer, None)
+        held.tensor.untyped_storage().resize_(held.host.numel())
+        held.ready, held.restored = self._copy(held.storage_bytes(), held.host), True
+        self.inputs_back[held.layer] = held
 
     def _host_place(self, index: int, t: torch.Tensor) -> torch.Tensor:
         """Where t's host copy goes: the next aligned bytes of the layer's arena. Reusing them is
@@ -202,21 +293,29 @@ class ActivationOffload:
             _, _, done = self.in_flight.popleft()
             if done is not None:
                 torch.cuda.current_stream(self.device).wait_event(done)
+        while self.inputs_in_flight and (last or self.inputs_in_flight[0].layer <= index - INPUT_RELEASE_AFTER):
+            held = self.inputs_in_flight.popleft()
+            if held.done is not None:
+                torch.cuda.current_stream(self.device).wait_event(held.done)
+            held.tensor.untyped_storage().resize_(0)  # frees the GPU memory; the checkpoint keeps the tensor
 
     def _drop_unread(self) -> None:
         """At a new forward: the copies back of the last backward are all read, except where it
         stopped early. Those GPU tensors were allocated on the compute stream and written on the
         copy stream: the compute stream waits for the copy before their memory can be reused."""
-        for saved in self.brought_back:
-            if saved.back is not None and saved.ready is not None:
+        for saved in [*self.brought_back, *self.inputs_back.values()]:
+            if saved.ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(saved.ready)
+        for saved in self.brought_back:
             saved.back = None
-        self.brought_back = []
+        self.brought_back, self.inputs_back = [], {}
 
     def _backward_starts(self, index: int, grad: torch.Tensor) -> None:
-        for j in self.prefetches[index]:
-            if j in self.saved:  # not already started by the layer above
+        for j in self.prefetches[index]:  # those not already started by the layer above
+            if j in self.saved:
                 self._prefetch(j)
+            elif j in self.held:
+                self._put_back(self.held[j])
 
     def _prefetch(self, layer: int) -> None:
         """Start copying `layer`'s saved tensors back to the GPU (on the copy stream, after their
@@ -225,16 +324,9 @@ class ActivationOffload:
             self._bring_back(saved)
 
     def _bring_back(self, saved: Offloaded) -> None:
+        # allocated on the compute stream, which may still be using that memory: _copy waits for it
         saved.back = torch.empty(saved.host.shape, dtype=saved.host.dtype, device=self.device)
-        if self.stream is None:
-            saved.back.copy_(saved.host)
-            return
-        # the GPU block is allocated on the compute stream, which may still be using its memory
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            saved.back.copy_(saved.host, non_blocking=True)
-            saved.ready = torch.cuda.Event()
-            saved.ready.record()
+        saved.ready = self._copy(saved.back, saved.host)
         self.brought_back.append(saved)
 
     def _unpack(self, saved: torch.Tensor | Offloaded) -> torch.Tensor:

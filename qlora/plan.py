@@ -73,6 +73,7 @@ copies, a smaller model's layers copy more bytes per FLOP, and torchrun's ranks 
 links (the plan offloads in one process only)."""
 PLANNED_KEYS = ("model.recompute_activations", "model.recompute_layers")
 ROWS_KEY, DEQUANTIZED_KEY, OFFLOAD_KEY = "data.pack_length", "model.dequantized_layers", "model.offload_layers"
+INPUTS_KEY = "model.offload_inputs"
 AUTO_MARGIN, AUTO_MIN_MARGIN_GIB, AUTO_TORCHRUN_GIB = 0.08, 1.0, 1.25
 """`auto` leaves 8% of the free memory (at least 1 GiB) unplanned: the allocator reserves 3% + 0.3 GiB
 over the peak it allocates (H200, bench/results/2026-11-28-session6-h200/), and the rest is room for
@@ -134,6 +135,8 @@ class Plan:
     """How many decoder layers (the first ones) keep their base weights dequantized."""
     offloaded: int = 0
     """How many of the recomputing layers offload their activations instead."""
+    inputs: bool = False
+    """Whether the recomputing layers keep their inputs in host memory (model.offload_inputs)."""
 
     @property
     def speed(self) -> float:
@@ -144,15 +147,17 @@ class Plan:
     def describe(self) -> str:
         rows = f", rows of {self.rows} tokens" if self.rows else ""  # None: the config's rows
         dequantized = f", {self.dequantized} dequantized" if self.dequantized else ""
-        offloaded = f" ({self.offloaded} of them offload instead)" if self.offloaded else ""
-        return f"recompute {self.recomputed} of {self.layers} layers{offloaded}{rows}{dequantized}"
+        notes = [*(["inputs in host memory"] if self.inputs and self.recomputed else []),
+                 *([f"{self.offloaded} of them offload instead"] if self.offloaded else [])]
+        notes_text = f" ({', '.join(notes)})" if notes else ""
+        return f"recompute {self.recomputed} of {self.layers} layers{notes_text}{rows}{dequantized}"
 
     def apply(self, cfg: Config) -> Config:
         """model.recompute_layers counts the same layers, with null for all of them."""
         model = dataclasses.replace(cfg.model, recompute_activations=self.recomputed > 0,
                                     recompute_layers=None if self.recomputed in (0, self.layers) else self.recomputed,
                                     dequantized_layers=self.dequantized or cfg.model.dequantized_layers,
-                                    offload_layers=self.offloaded)
+                                    offload_layers=self.offloaded, offload_inputs=self.inputs and self.recomputed > 0)
         data = dataclasses.replace(cfg.data, pack_length=self.rows) if self.rows else cfg.data
         return dataclasses.replace(cfg, model=model, data=data)
 
@@ -170,14 +175,14 @@ def row_lengths(cfg: Config, given: set[str]) -> list[int | None]:
 
 
 def candidates(cfg: Config, hf_config: Any, seq: int, ranks: int = 1, rows: int | None = None,
-               own_recompute: bool = False) -> list[Plan]:
+               own_recompute: bool = False, inputs: bool = False) -> list[Plan]:
     """Every recompute count (sharded: every layer only; `own_recompute`: the config's), fastest
     (none) first, each with the estimate's peak for this config on `ranks` processes, at `rows`
-    tokens per packed row."""
+    tokens per packed row; `inputs`: the recomputing layers' inputs in host memory."""
     layers = hf_config.num_hidden_layers
     counts = [recomputed_layers(cfg, layers)] if own_recompute else \
         [layers] if cfg.model.shard else range(layers + 1)
-    plans = [Plan(n, layers, 0, rows, offloaded=own_offloaded(cfg, n, layers)) for n in counts]
+    plans = [Plan(n, layers, 0, rows, offloaded=own_offloaded(cfg, n, layers), inputs=inputs) for n in counts]
     return [dataclasses.replace(p, peak_bytes=estimate_for_config(p.apply(cfg), hf_config, seq, ranks)["total"])
             for p in plans]
 
@@ -227,18 +232,15 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
     own = f"the config sets {' and '.join(fixed)} itself"
     if fixed and len(lengths) == 1:
         return Choice(cfg, [], None, own)
-    plans = []
+    plans, inputs = [], offloads_inputs(cfg, given, ranks, gpu)
     for rows in lengths:
-        plans += candidates(cfg, hf_config, seq, ranks, rows, own_recompute=bool(fixed))
+        plans += candidates(cfg, hf_config, seq, ranks, rows, own_recompute=bool(fixed), inputs=inputs)
         fitting = [p for p in plans if p.peak_bytes <= budget.gib * GIB]
         if fitting and fixed and fitting[0].rows is None:
             return Choice(cfg, plans, None, own)
-        if fitting:  # candidates run from the fastest
-            chosen = fitting[0]
-            if gpu and ranks == 1 and OFFLOAD_KEY not in given and not cfg.model.shard:
-                chosen = with_offloaded(chosen, cfg, hf_config, seq, ranks, budget)
-            if DEQUANTIZED_KEY not in given and not cfg.model.shard:
-                chosen = with_dequantized(chosen, cfg, hf_config, seq, ranks, budget)
+        if fitting:  # the fastest once the memory each leaves is spent (the first of equals: fewest recomputed)
+            chosen = max((spend_the_rest(p, cfg, hf_config, seq, ranks, budget, given, gpu) for p in fitting),
+                         key=lambda p: p.speed)
             return Choice(chosen.apply(cfg), plans, chosen)
     smallest = min(plans, key=lambda p: p.peak_bytes)
     needs = f"the smallest plan ({smallest.describe()}) needs {smallest.peak_bytes / GIB:.2f} GiB"
@@ -249,6 +251,27 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
                *([ROWS_KEY] if len(lengths) > 1 else []))
     raise UserError(f"train.memory_budget_gib={budget.gib:g}: no plan fits; {needs}. Also lowers the peak: "
                     f"{peak_lowering_hints(leave_out=planned, cfg=cfg)}")
+
+
+def offloads_inputs(cfg: Config, given: set[str], ranks: int, gpu: bool) -> bool:
+    """Whether the plans keep the recomputing layers' inputs in host memory: the config's own
+    model.offload_inputs, else on one GPU in one process (with torchrun's ranks sharing the host's
+    links, not measured), where the non-reentrant recompute runs and the model is not sharded."""
+    if INPUTS_KEY in given:
+        return cfg.model.offload_inputs
+    return gpu and ranks == 1 and not cfg.model.shard and not cfg.model.recompute_reentrant
+
+
+def spend_the_rest(plan: Plan, cfg: Config, hf_config: Any, seq: int, ranks: int, budget: Budget,
+                   given: set[str], gpu: bool) -> Plan:
+    """`plan` with offloaded layers (on a GPU, one process), then dequantized layers, in the memory
+    the budget leaves it; not where the config sets them, nor under model.shard. A plan that
+    recomputes one layer more may offload one more, and come out faster."""
+    if gpu and ranks == 1 and OFFLOAD_KEY not in given and not cfg.model.shard:
+        plan = with_offloaded(plan, cfg, hf_config, seq, ranks, budget)
+    if DEQUANTIZED_KEY not in given and not cfg.model.shard:
+        plan = with_dequantized(plan, cfg, hf_config, seq, ranks, budget)
+    return plan
 
 
 def with_offloaded(plan: Plan, cfg: Config, hf_config: Any, seq: int, ranks: int, budget: Budget) -> Plan:

@@ -93,6 +93,9 @@ def test_each_lever_moves_the_estimate_the_way_it_moves_memory():
     kept3 = [estimate_for_config(*llama2_7b("model.recompute_layers=29", *o), seq)["activations"]
              for o in ([], ["model.offload_layers=4"])]
     assert kept3[1] - kept3[0] == pytest.approx(layer / 4, rel=0.01)  # 3 + 1 layers instead of 3 + 0.75
+    # offloaded inputs: 4 of the 24 recomputing layers' inputs stay (fp32 norms: 4 bytes a value)
+    inputs = estimate_for_config(*llama2_7b("model.recompute_layers=24", "model.offload_inputs=true"), seq)
+    assert estimate_for_config(*kept8, seq)["total"] - inputs["total"] == 20 * 4 * 2048 * 4096 * 4
 
 
 FAMILY_RUNS = sorted((ROOT / "bench" / "results" / "2026-11-28-session5-h200").glob("ours_*_extractive_2048.json"))
@@ -131,16 +134,19 @@ PLAN_RUNS = [  # (log of bench/budget_gpu.sh, its EXTRA overrides): one H200, th
     ("2026-11-29-session11-h200/call-b/budget-15.log", []),
     ("2026-11-29-session13-h200/call-a/budget-15.5-off.log", ["model.offload_layers=0"]),
     ("2026-11-29-session13-h200/call-a/budget-15.5.log", []),
-    ("2026-11-29-session13-h200/call-a/budget-16.log", [])]
+    ("2026-11-29-session13-h200/call-a/budget-16.log", []),
+    ("2026-11-29-session13-h200/call-c/budget/budget-15.5.log", [])]
 
 
 def plan_overrides(log: str) -> list[str]:
-    """The config keys of the plan a run printed ("memory plan: recompute 24 of 32 layers (4 of them
-    offload instead), 1 dequantized, ...")."""
-    plan = re.search(r"memory plan: recompute (\d+) of 32 layers(?: \((\d+) of them offload instead\))?"
-                     r"(?:, (\d+) dequantized)?", log)
-    keys = ["model.recompute_layers", "model.offload_layers", "model.dequantized_layers"]
-    return [f"{key}={value}" for key, value in zip(keys, plan.groups()) if value is not None]
+    """The config keys of the plan a run printed ("memory plan: recompute 24 of 32 layers (inputs in
+    host memory, 4 of them offload instead), 1 dequantized, ...")."""
+    plan = re.search(r"memory plan: recompute (\d+) of 32 layers(?: \((inputs in host memory)?(?:, )?"
+                     r"(?:(\d+) of them offload instead)?\))?(?:, (\d+) dequantized)?", log)
+    recomputed, inputs, offloaded, dequantized = plan.groups()
+    return [f"model.recompute_layers={recomputed}", f"model.offload_inputs={inputs is not None}",
+            *([f"model.offload_layers={offloaded}"] if offloaded else []),
+            *([f"model.dequantized_layers={dequantized}"] if dequantized else [])]
 
 
 @pytest.mark.parametrize("log, overrides", PLAN_RUNS)

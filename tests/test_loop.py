@@ -198,41 +198,53 @@ def test_dequantized_layers_give_the_4bit_layers_loss_and_gradients(tiny_model_f
     assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
 
 
-def test_offloaded_layers_give_the_kept_layers_loss_and_gradients(tmp_path):
-    """model.offload_layers on the tiny Llama grown to 10 layers: layers 2 and 6 send their saved
-    activations to host memory and back (layer 2 freed at layer 8, layer 6 before the last; brought
-    back from the backward of layers 4 and 8); the loss and gradients are those of layers keeping their
-    activations, bit for bit, dropout included, over two micro-batches (the second, shorter, one
-    placing its host copies in the arena the first one sized). Every GPU-side tensor is freed by the
-    end of the forward, and every copy back started ahead of its layer's backward."""
+def test_offloaded_layers_and_inputs_give_the_kept_layers_loss_and_gradients(tmp_path):
+    """model.offload_layers and model.offload_inputs on the tiny Llama grown to 10 layers, every
+    layer recomputing: layers 2 and 6 send their saved activations to host memory and back (layer 2
+    freed at layer 8, layer 6 before the last; brought back from the backward of layers 4 and 8),
+    and the other layers below the last their input (freed three layers on, put back from two
+    layers above). The loss and gradients are those of layers keeping their activations, bit for
+    bit, dropout included, over two micro-batches (the second, shorter, one placing its host copies
+    in the arena the first one sized). Everything offloaded is freed by the end of the forward, and
+    every copy back started ahead of its layer's backward."""
     config = json.loads((ROOT / "configs" / "tiny" / "model" / "config.json").read_text())
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10}))
     batches = [collate(make_rows(lengths, [5, 9], seed=s), 0) for s, lengths in ((8, [1000, 900]), (9, [800, 950]))]
     results = []
-    for recompute, offload in ((0, 0), (None, 2)):
+    for recompute, offload, inputs in ((0, 0, False), (None, 2, False), (None, 0, True), (None, 2, True)):
         cfg = ModelConfig(name=str(tmp_path / "model"), random_init=True, random_init_cache=str(tmp_path / "cache"),
-                          recompute_layers=recompute, offload_layers=offload)
+                          recompute_layers=recompute, offload_layers=offload, offload_inputs=inputs)
         model = build_model(cfg, LoraConfig(r=16, dropout=0.1), "fp32", CPU, 0)
-        in_flight_at_8 = []  # runs after the offload's call at layer 8 has freed what it frees
-        decoder_layers(model)[8].register_forward_pre_hook(
-            lambda *_: in_flight_at_8.append({j for j, _, _ in model.activation_offload.in_flight}) if offload else None)
+        offloading, at_8 = model.activation_offload, []  # at_8: after layer 8's call freed what it frees
+        if offloading:
+            decoder_layers(model)[8].register_forward_pre_hook(lambda *_: at_8.append(
+                ({j for j, _, _ in offloading.in_flight}, {h.layer for h in offloading.inputs_in_flight})))
         torch.manual_seed(4)
         losses = []
         for batch in batches:
             loss = micro_batch_loss(model, batch, "fp32", CPU, True)
-            assert offload == 0 or not model.activation_offload.in_flight  # freed before the last layer
+            if offloading:
+                assert not offloading.in_flight and not offloading.inputs_in_flight  # freed before the last layer
+                assert all(offloading.held[j].tensor.untyped_storage().nbytes() == 0 for j in offloading.inputs)
             loss.backward()
+            assert not offloading or not offloading.held and not offloading.inputs_back  # every input put back, read
             losses.append(loss.detach())
-        results.append((losses, lora_grads(model)))
-    offload = model.activation_offload
-    assert offload.offloaded == [2, 6] and not offload.saved and offload.late_copies == 0
-    # layer 2's tensors freed there, layer 6's before the last layer (then layer 8's recompute)
-    assert in_flight_at_8 == [{6}, set()] * 2
-    assert offload.copied_bytes >= 2 * 2 * 1900 * 192 * 4  # at least two MLP intermediates a layer went to the host
-    assert offload.arenas[6].numel() >= offload.filled[6] > 0
-    assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
-    assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
+        results.append((losses, lora_grads(model), offloading, at_8))
+    for losses, grads, offloading, _ in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0][0], losses))
+        assert all(torch.equal(results[0][1][n], grads[n]) for n in grads)
+        assert not offloading.saved and offloading.late_copies == 0 and offloading.arenas[6].numel() > 0
+    assert [(o.offloaded, o.inputs) for _, _, o, _ in results[1:]] == [
+        ([2, 6], []), ([], [0, 1, 2, 3, 4, 5, 6, 7, 8]), ([2, 6], [0, 1, 3, 4, 5, 7, 8])]
+    # layer 2's tensors freed at layer 8, layer 6's before the last layer (then layer 8's recompute);
+    # the inputs of layers 5 and below freed there (6 and 7 are within three; layer 8's own copy has
+    # started), all before the last
+    assert [at_8 for *_, at_8 in results[1:]] == [[({6}, set()), (set(), set())] * 2,
+                                                   [(set(), {6, 7, 8}), (set(), set())] * 2,
+                                                   [({6}, {7, 8}), (set(), set())] * 2]
+    assert results[1][2].copied_bytes >= 2 * 2 * 1900 * 192 * 4  # at least two MLP intermediates a layer went to the host
+    assert results[2][2].copied_bytes == 9 * 1900 * 64 * 4  # nine inputs of 1,900 tokens x 64 fp32 values
     first = micro_batch_loss(model, batches[1], "fp32", CPU, True)
     micro_batch_loss(model, batches[1], "fp32", CPU, True)  # its host copies take the first one's place
     with pytest.raises(UserError, match="second forward before the first one's backward"):

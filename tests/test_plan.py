@@ -39,10 +39,13 @@ def test_the_plan_is_the_fastest_candidate_within_the_budget(budget):
     assert choice.plans[0].peak_bytes > choice.plans[arch.num_hidden_layers // 2].peak_bytes > choice.plans[-1].peak_bytes
 
 
-def test_a_larger_budget_never_plans_a_slower_step():
-    speeds = [plan_for(b)[0].chosen.speed for b in BUDGETS]
+@pytest.mark.parametrize("gpu", [False, True])
+def test_a_larger_budget_never_plans_a_slower_step(gpu):
+    """Each recompute count is priced with the offloaded and dequantized layers the memory it leaves
+    buys: a count that recomputes one more layer may offload one more and come out faster."""
+    speeds = [plan_for(budget / 2, gpu=gpu)[0].chosen.speed for budget in range(16, 100, 3)]
     assert speeds == sorted(speeds) and speeds[-1] > speeds[0]
-    choice, _ = plan_for(80)  # the whole card: nothing recomputed
+    choice, _ = plan_for(80, gpu=gpu)  # the whole card: nothing recomputed
     assert choice.chosen.recomputed == 0 and not choice.config.model.recompute_activations
 
 
@@ -65,27 +68,39 @@ def test_memory_left_beside_the_fastest_recompute_plan_goes_to_dequantized_layer
     assert sharded.config.model.dequantized_layers == 0
 
 
-def test_on_a_gpu_one_recomputing_layer_in_six_offloads_instead():
-    """The same layers keep no activations on the GPU, at the same estimated peak; a config's own
-    count wins, and a run on the CPU offloads none."""
-    on_gpu, arch = plan_for(16, gpu=True)
-    chosen, on_cpu = on_gpu.chosen, plan_for(16)[0].chosen
+def test_on_a_gpu_one_recomputing_layer_in_six_offloads_instead_and_the_inputs_go_to_the_host():
+    """The same layers keep no activations on the GPU, at the same estimated peak; with the
+    recomputing layers' inputs in host memory too, fewer layers recompute; a config's own settings
+    win, and a run on the CPU offloads nothing."""
+    on_cpu = plan_for(16)[0].chosen
+    kept, arch = plan_for(16, "model.offload_inputs=false", gpu=True)
+    chosen = kept.chosen
     assert chosen.offloaded == chosen.recomputed // OFFLOAD_EVERY > 0 and on_cpu.offloaded == 0
-    assert on_gpu.config.model.offload_layers == chosen.offloaded
+    assert kept.config.model.offload_layers == chosen.offloaded and not kept.config.model.offload_inputs
     assert dataclasses.replace(chosen, offloaded=0) == on_cpu and chosen.speed > on_cpu.speed
-    assert estimate_for_config(on_gpu.config, arch, 2048)["total"] == chosen.peak_bytes == on_cpu.peak_bytes
+    assert estimate_for_config(kept.config, arch, 2048)["total"] == chosen.peak_bytes == on_cpu.peak_bytes
     assert f"recompute {chosen.recomputed} of 32 layers ({chosen.offloaded} of them offload instead)" in chosen.describe()
+    on_gpu = plan_for(16, gpu=True)[0]  # the memory the inputs leave goes to dequantized layers
+    assert on_gpu.chosen.inputs and on_gpu.config.model.offload_inputs and not on_cpu.inputs
+    assert on_gpu.chosen.speed > chosen.speed and on_gpu.chosen.peak_bytes <= 16 * GIB
+    assert "24 of 32 layers (inputs in host memory, 4 of them offload instead), 7 dequantized" in on_gpu.chosen.describe()
     own, _ = plan_for(16, "model.offload_layers=0", gpu=True)
     assert own.chosen.offloaded == 0 and own.config.model.offload_layers == 0
     for budget in BUDGETS:  # where offloading adds to the peak (few layers kept), only if it fits
         choice, _ = plan_for(budget, gpu=True)
         assert estimate_for_config(choice.config, arch, 2048)["total"] == choice.chosen.peak_bytes <= budget * GIB
-    assert plan_for(9, gpu=True)[0].chosen.offloaded == 0  # 30 recompute, 2 kept: one more layer does not fit
+    # recompute 30 (2 kept) leaves no room for the layer offloading brings back early; 31 does, and
+    # with 5 of them offloading it is the faster plan
+    few, _ = plan_for(9, "model.offload_inputs=false", gpu=True)
+    assert (few.chosen.recomputed, few.chosen.offloaded) == (31, 5)
+    assert [p.recomputed for p in few.plans if p.peak_bytes <= 9 * GIB][0] == 30
     cfg = load_config(LLAMA2, ["train.memory_budget_gib=16"])
     arch = read_architecture(cfg.model)
-    assert choose(cfg, arch, 2048, set(), Budget(16, False), ranks=2, gpu=True).chosen.offloaded == 0  # torchrun
+    torchrun = choose(cfg, arch, 2048, set(), Budget(16, False), ranks=2, gpu=True).chosen
+    assert torchrun.offloaded == 0 and not torchrun.inputs
     many, _ = plan_for(16, "model.offload_layers=20", gpu=True)  # the config's own count, as many as 24 allow
-    assert many.chosen.offloaded == 8 and many.config.model.offload_layers == 8 and not check_values(many.config)
+    assert (many.chosen.recomputed, many.chosen.offloaded, many.config.model.offload_layers) == (24, 8, 8)
+    assert not check_values(many.config)
 
 
 def test_offloaded_layers_are_spread_below_the_last_layer_three_apart_or_more():
