@@ -126,7 +126,10 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
     if offloaded_layers and recomputed:  # spaced LEAD + 1 or more: one layer brought back early at a time
         picked = offloaded(recomputed, shape.layers, offloaded_layers)  # one line if too many
         in_flight = max(sum(i <= j < i + RELEASE_AFTER for j in picked) for i in picked)
-        live = max(live, RECOMPUTE_WORKING + 1, min(kept, RELEASE_AFTER - 1) + in_flight)
+        # two or more in flight: the forward of the layer between them runs beside both (every layer
+        # recomputed, 10 of Mistral-7B's 32 offloaded, 3 apart: 1.7% above an estimate without it;
+        # bench/results/2026-11-29-session13-h200/call-b)
+        live = max(live, RECOMPUTE_WORKING + 1, min(kept, RELEASE_AFTER - 1) + in_flight + (in_flight > 1))
     inputs = min(recomputed, INPUT_RELEASE_AFTER + 1) if inputs_offloaded else recomputed
     activations = inputs * residual + live * layer_saved
     positions = seq if logits_everywhere else max(1, math.ceil(seq * SUPERVISED_POSITIONS))

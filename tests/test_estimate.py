@@ -118,6 +118,31 @@ def test_estimate_with_compute_dtype_norms_is_above_and_near_the_measured_peak(p
     assert measured < estimate < 1.06 * measured
 
 
+OFFLOAD_RUNS = [ROOT / "bench" / "results" / "2026-11-29-session13-h200" / run / "ours_mistral-7b_extractive_2048.json"
+                for run in ("call-b/off0", "call-b/off5", "call-b/off10", "call-c/inputs", "call-c/r30o5",
+                            "call-c/r31o5", "call-d/shipped")]
+
+
+@pytest.mark.parametrize("path", OFFLOAD_RUNS, ids=lambda p: p.parent.name)
+def test_estimate_with_offloaded_layers_and_inputs_holds_the_mistral_runs(path):
+    """Mistral-7B's family job (every layer recomputed, or 30-31) with 0, 5 or 10 layers offloaded
+    and the inputs on the host or not: above the measured peak, within 5% for five of the seven and
+    13% for all (with 5 offloaded and every layer recomputed, the layer brought back early is priced
+    whole: 7.9%; with 2 layers kept, their saved tensors beside the backward's working set: 12.1%,
+    where one kept layer measured 0.05 GiB less)."""
+    import bench.compare_trl as bench
+
+    result = json.loads(path.read_text())
+    overrides = [w for w in result["command"].split() if w.startswith("model.") and "tokenizer" not in w]
+    recompute = [w for w in overrides if w.startswith("model.recompute_layers=")]  # compare_trl's last lever
+    cfg = bench.job_config(str(ROOT / "configs" / "mistral-7b-korquad.yaml"), result["shape"], overrides,
+                           [c for _, change in bench.LEVERS for c in change] + recompute)
+    assert cfg.model.recompute_layers == (int(recompute[0].split("=")[1]) if recompute else None)
+    estimate = estimate_for_config(cfg, read_architecture(cfg.model), seq=cfg.data.max_length)["total"] / GIB
+    measured = result["results"][0]["peak_allocated_gib"]
+    assert measured < estimate < (1.13 if path.parent.name in ("off5", "r30o5") else 1.05) * measured
+
+
 def measured_peak_gib(log: str) -> float:
     """The peak allocated GiB train.py printed at the end of a run ("memory: peak allocated ...")."""
     return float(re.search(r"peak allocated ([\d.]+) GiB", log).group(1))
@@ -135,7 +160,9 @@ PLAN_RUNS = [  # (log of bench/budget_gpu.sh, its EXTRA overrides): one H200, th
     ("2026-11-29-session13-h200/call-a/budget-15.5-off.log", ["model.offload_layers=0"]),
     ("2026-11-29-session13-h200/call-a/budget-15.5.log", []),
     ("2026-11-29-session13-h200/call-a/budget-16.log", []),
-    ("2026-11-29-session13-h200/call-c/budget/budget-15.5.log", [])]
+    ("2026-11-29-session13-h200/call-c/budget/budget-15.5.log", []),
+    ("2026-11-29-session13-h200/call-d/budget/budget-15.5.log", []),
+    ("2026-11-29-session13-h200/call-d/budget/budget-15.5-noinputs.log", ["model.offload_inputs=false"])]
 
 
 def plan_overrides(log: str) -> list[str]:
