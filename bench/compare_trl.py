@@ -347,7 +347,8 @@ def main() -> None:
     p.add_argument("--only-last", action="store_true", help="ours: time only the variant with every lever")
     p.add_argument("--skip", action="append", default=[], choices=[name for name, _ in LEVERS[1:]],
                    help="ours: a lever to leave out, by name (repeat for more)")
-    p.add_argument("--budget", type=float, help="ours: then the memory plan for this many GiB (train.memory_budget_gib)")
+    p.add_argument("--budget", type=float, help="ours: then the memory plan for this many GiB (train.memory_budget_gib), "
+                   "which sets every key it plans (recompute, offloaded layers and inputs, dequantized layers)")
     args = p.parse_intermixed_args()
     if args.mode == "table":
         table([Path(x) for x in args.rest])

@@ -162,12 +162,12 @@ def offload_some_layers(model: torch.nn.Module, n: int, inputs: bool = False) ->
     """Make n of the recomputing layers offload their activations instead, and with `inputs` the
     others (below the last layer) keep their checkpointed input in host memory (qlora/offload.py).
     Every layer then runs through the offload's call, whose hooks start the copies back in the backward."""
-    if n == 0 and not inputs:
-        return None
     layers = decoder_layers(model)
     recomputed = sum(layer.gradient_checkpointing for layer in layers)  # the first ones
     offloaded = offloaded_layers(recomputed, len(layers), n) if n else []
     held = [i for i in range(min(recomputed, len(layers) - 1)) if i not in offloaded] if inputs else []
+    if not offloaded and not held:
+        return None
     device = next(model.parameters()).device
     offload = ActivationOffload(model, offloaded, len(layers), device, held)
     for i, layer in enumerate(layers):

@@ -31,7 +31,7 @@ one's backward is refused.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -56,7 +56,9 @@ runs layers ahead of the GPU."""
 INPUT_RELEASE_AFTER = 3
 """The forward of layer j + INPUT_RELEASE_AFTER (or of the last layer) frees recomputing layer j's
 input (model.offload_inputs): a copy of 64-128 MiB (Llama-2-7B, rows of 8,192, bf16 or fp32) takes
-1.2-2.4 ms at 54 GB/s, and may queue behind an offloaded layer's copies on the one copy stream."""
+1.2-2.4 ms at 54 GB/s, but may queue behind an offloaded layer's copies on the one copy stream, and
+the compute stream then waits at the release. Not measured apart: with 4 offloaded layers the plan
+with offloaded inputs ran 0.8% faster than without (bench/results/2026-11-29-session13-h200/call-d)."""
 LEAD = 2
 """The backward of layer j + LEAD starts bringing layer j's tensors back: two layers' backward to
 hide the copy in; offloaded layers LEAD + 1 apart or more have one layer back early at a time."""
@@ -88,10 +90,12 @@ class OffloadedInput:
     ready: torch.cuda.Event | None = None
     """On CUDA: recorded on the copy stream after the copy back."""
     restored: bool = False
+    """Put back (or being put back): the recompute waits for `ready`."""
 
-    def storage_bytes(self) -> torch.Tensor:
-        """The storage's bytes, as a tensor of its own (copying into it leaves the input's version alone)."""
-        return torch.empty(0, dtype=torch.uint8, device=self.tensor.device).set_(self.tensor.untyped_storage())
+
+def storage_bytes(t: torch.Tensor) -> torch.Tensor:
+    """t's storage, as a byte tensor of its own (copying into it leaves t's version counter alone)."""
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
 
 
 def most_offloaded(recomputed: int, layers: int) -> int:
@@ -133,7 +137,7 @@ class ActivationOffload:
     """The saved-tensor hooks, the offloaded inputs and the copy bookkeeping of one model."""
 
     def __init__(self, model: torch.nn.Module, offloaded: list[int], layers: int, device: torch.device,
-                 inputs: list[int] = ()):
+                 inputs: Sequence[int] = ()):
         self.offloaded, self.layers, self.device = offloaded, layers, device
         self.inputs = list(inputs)
         """The recomputing layers whose checkpointed input goes to host memory (model.offload_inputs)."""
@@ -187,7 +191,7 @@ class ActivationOffload:
             with torch.autograd.graph.saved_tensors_hooks(partial(self._pack, index, shared), self._unpack):
                 out = forward(*args)
         else:
-            if index in self.inputs and torch.is_grad_enabled():
+            if index in self.inputs and torch.is_grad_enabled() and args:  # args[0]: the hidden states
                 held = self._copy_input(index, args[0])
                 if held is not None:  # the checkpoint recomputes through this wrapper: the input is back first
                     forward = partial(self._with_input_back, held, forward)
@@ -224,13 +228,12 @@ class ActivationOffload:
         exactly the input (freeing it would free other tensors too)."""
         storage = hidden.untyped_storage()
         if (hidden.device != self.device or not hidden.is_contiguous() or hidden.storage_offset()
-                or storage.nbytes() != hidden.nbytes or not storage.resizable()):
+                or storage.nbytes() != hidden.nbytes or not hidden.nbytes or not storage.resizable()):
             return None
         self._start_forward(index)
-        held = OffloadedInput(index, hidden, torch.empty(0), self.forwards[index])
-        source = held.storage_bytes()
-        held.host = self._host_place(index, source)
-        held.done = self._copy(held.host, source)
+        source = storage_bytes(hidden)
+        host = self._host_place(index, source)
+        held = OffloadedInput(index, hidden, host, self.forwards[index], done=self._copy(host, source))
         self.held[index] = held
         self.inputs_in_flight.append(held)
         self.copied_bytes += hidden.nbytes
@@ -255,8 +258,7 @@ class ActivationOffload:
         if held.tensor.untyped_storage().nbytes():
             if held.restored and self.inputs_back.get(held.layer) is held:
                 del self.inputs_back[held.layer]  # read now: no reference left here once the recompute is done
-                if held.ready is not None:
-                    torch.cuda.current_stream(self.device).wait_event(held.ready)  # GPU-side wait
+                self._wait(held.ready)
             return forward(*args)
         if held.forward != self.forwards[held.layer]:
             raise UserError(f"layer {held.layer} offloads its input (model.offload_inputs), and ran a second "
@@ -270,7 +272,7 @@ class ActivationOffload:
         GPU memory: one input, LEAD layers early."""
         self.held.pop(held.layer, None)
         held.tensor.untyped_storage().resize_(held.host.numel())
-        held.ready, held.restored = self._copy(held.storage_bytes(), held.host), True
+        held.ready, held.restored = self._copy(storage_bytes(held.tensor), held.host), True
         self.inputs_back[held.layer] = held
 
     def _host_place(self, index: int, t: torch.Tensor) -> torch.Tensor:
@@ -290,25 +292,27 @@ class ActivationOffload:
         sync), so the work that reuses their memory runs after the copies have read it."""
         last = index == self.layers - 1
         while self.in_flight and (last or self.in_flight[0][0] <= index - RELEASE_AFTER):
-            _, _, done = self.in_flight.popleft()
-            if done is not None:
-                torch.cuda.current_stream(self.device).wait_event(done)
+            self._wait(self.in_flight.popleft()[2])
         while self.inputs_in_flight and (last or self.inputs_in_flight[0].layer <= index - INPUT_RELEASE_AFTER):
             held = self.inputs_in_flight.popleft()
-            if held.done is not None:
-                torch.cuda.current_stream(self.device).wait_event(held.done)
+            self._wait(held.done)
             held.tensor.untyped_storage().resize_(0)  # frees the GPU memory; the checkpoint keeps the tensor
+
+    def _wait(self, event: torch.cuda.Event | None) -> None:
+        """The compute stream waits for a copy (on the GPU: no CPU sync). None: a CPU copy, done."""
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
 
     def _drop_unread(self) -> None:
         """At a new forward: the copies back of the last backward are all read, except where it
         stopped early. Those GPU tensors were allocated on the compute stream and written on the
         copy stream: the compute stream waits for the copy before their memory can be reused."""
         for saved in [*self.brought_back, *self.inputs_back.values()]:
-            if saved.ready is not None:
-                torch.cuda.current_stream(self.device).wait_event(saved.ready)
+            self._wait(saved.ready)
         for saved in self.brought_back:
             saved.back = None
-        self.brought_back, self.inputs_back = [], {}
+        # inputs a cut-short backward never put back: their graph is gone with it
+        self.brought_back, self.inputs_back, self.held = [], {}, {}
 
     def _backward_starts(self, index: int, grad: torch.Tensor) -> None:
         for j in self.prefetches[index]:  # those not already started by the layer above
@@ -338,7 +342,6 @@ class ActivationOffload:
         if saved.back is None:  # not prefetched (or unpacked twice): copy it back now, and wait for it
             self.late_copies += 1
             self._bring_back(saved)
-        if saved.ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(saved.ready)  # GPU-side wait, no CPU sync
+        self._wait(saved.ready)
         back, saved.back = saved.back, None
         return back

@@ -7,6 +7,10 @@ down to data.max_length); then, on a GPU, one recomputing layer in OFFLOAD_EVERY
 activations instead (model.offload_layers), where the budget holds what that adds (nothing with
 six or more layers kept: qlora/estimate.py); then, in the memory left, how many layers keep their
 base weights dequantized (model.dequantized_layers). Neither of the last two under model.shard.
+Each recompute count is priced with and without offloading, and on one GPU with the recomputing
+layers' inputs on the GPU and in host memory (model.offload_inputs: less memory, the same speed to
+the speed model); the fastest, once what it leaves is spent, wins, the first of equals preferred
+(fewer recomputed layers, no offloading, inputs on the GPU).
 Recompute, offloaded and dequantized layers never change the gradient. Shorter rows group the
 same examples a step into more rows: the same step, up to floating-point order and the LoRA
 dropout masks, which are drawn per row. All of these may change between a run and its resume (a
@@ -175,14 +179,16 @@ def row_lengths(cfg: Config, given: set[str]) -> list[int | None]:
 
 
 def candidates(cfg: Config, hf_config: Any, seq: int, ranks: int = 1, rows: int | None = None,
-               own_recompute: bool = False, inputs: bool = False) -> list[Plan]:
+               own_recompute: bool = False, inputs: tuple[bool, ...] = (False,)) -> list[Plan]:
     """Every recompute count (sharded: every layer only; `own_recompute`: the config's), fastest
     (none) first, each with the estimate's peak for this config on `ranks` processes, at `rows`
-    tokens per packed row; `inputs`: the recomputing layers' inputs in host memory."""
+    tokens per packed row; each count with the recomputing layers' inputs on the GPU and/or in host
+    memory, as `inputs` says (the same speed: the first is preferred)."""
     layers = hf_config.num_hidden_layers
     counts = [recomputed_layers(cfg, layers)] if own_recompute else \
         [layers] if cfg.model.shard else range(layers + 1)
-    plans = [Plan(n, layers, 0, rows, offloaded=own_offloaded(cfg, n, layers), inputs=inputs) for n in counts]
+    plans = [Plan(n, layers, 0, rows, offloaded=own_offloaded(cfg, n, layers), inputs=held)
+             for n in counts for held in inputs]
     return [dataclasses.replace(p, peak_bytes=estimate_for_config(p.apply(cfg), hf_config, seq, ranks)["total"])
             for p in plans]
 
@@ -232,7 +238,7 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
     own = f"the config sets {' and '.join(fixed)} itself"
     if fixed and len(lengths) == 1:
         return Choice(cfg, [], None, own)
-    plans, inputs = [], offloads_inputs(cfg, given, ranks, gpu)
+    plans, inputs = [], input_choices(cfg, given, ranks, gpu, bool(fixed))
     for rows in lengths:
         plans += candidates(cfg, hf_config, seq, ranks, rows, own_recompute=bool(fixed), inputs=inputs)
         fitting = [p for p in plans if p.peak_bytes <= budget.gib * GIB]
@@ -253,25 +259,27 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
                     f"{peak_lowering_hints(leave_out=planned, cfg=cfg)}")
 
 
-def offloads_inputs(cfg: Config, given: set[str], ranks: int, gpu: bool) -> bool:
-    """Whether the plans keep the recomputing layers' inputs in host memory: the config's own
-    model.offload_inputs, else on one GPU in one process (with torchrun's ranks sharing the host's
-    links, not measured), where the non-reentrant recompute runs and the model is not sharded."""
-    if INPUTS_KEY in given:
-        return cfg.model.offload_inputs
-    return gpu and ranks == 1 and not cfg.model.shard and not cfg.model.recompute_reentrant
+def input_choices(cfg: Config, given: set[str], ranks: int, gpu: bool, fixed: bool) -> tuple[bool, ...]:
+    """Where the plans may keep the recomputing layers' inputs: on the GPU, or also in host memory
+    on one GPU in one process (with torchrun's ranks sharing the host's links, not measured), with
+    the non-reentrant recompute and no sharding. The config's own model.offload_inputs where it
+    sets that key or its recompute keys (its own recompute runs with its own inputs setting)."""
+    if INPUTS_KEY in given or fixed or not gpu or ranks > 1 or cfg.model.shard or cfg.model.recompute_reentrant:
+        return (cfg.model.offload_inputs,)
+    return (False, True)
 
 
 def spend_the_rest(plan: Plan, cfg: Config, hf_config: Any, seq: int, ranks: int, budget: Budget,
                    given: set[str], gpu: bool) -> Plan:
-    """`plan` with offloaded layers (on a GPU, one process), then dequantized layers, in the memory
-    the budget leaves it; not where the config sets them, nor under model.shard. A plan that
-    recomputes one layer more may offload one more, and come out faster."""
+    """The fastest of `plan` and `plan` with offloaded layers (on a GPU, one process), each then
+    with dequantized layers in the memory the budget leaves it; not where the config sets them, nor
+    under model.shard. Offloading may leave less room for dequantized layers than it gains."""
+    options = [plan]
     if gpu and ranks == 1 and OFFLOAD_KEY not in given and not cfg.model.shard:
-        plan = with_offloaded(plan, cfg, hf_config, seq, ranks, budget)
+        options.append(with_offloaded(plan, cfg, hf_config, seq, ranks, budget))
     if DEQUANTIZED_KEY not in given and not cfg.model.shard:
-        plan = with_dequantized(plan, cfg, hf_config, seq, ranks, budget)
-    return plan
+        options = [with_dequantized(option, cfg, hf_config, seq, ranks, budget) for option in options]
+    return max(options, key=lambda option: option.speed)  # the first of equals: no offloading
 
 
 def with_offloaded(plan: Plan, cfg: Config, hf_config: Any, seq: int, ranks: int, budget: Budget) -> Plan:

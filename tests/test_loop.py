@@ -3,6 +3,7 @@ GradScaler skips, the schedule."""
 
 import json
 import math
+import re
 from collections.abc import Callable
 
 import pytest
@@ -230,25 +231,26 @@ def test_offloaded_layers_and_inputs_give_the_kept_layers_loss_and_gradients(tmp
             loss.backward()
             assert not offloading or not offloading.held and not offloading.inputs_back  # every input put back, read
             losses.append(loss.detach())
-        results.append((losses, lora_grads(model), offloading, at_8))
-    for losses, grads, offloading, _ in results[1:]:
+        results.append((losses, lora_grads(model), offloading, at_8, model))
+    for losses, grads, offloading, *_ in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0][0], losses))
         assert all(torch.equal(results[0][1][n], grads[n]) for n in grads)
         assert not offloading.saved and offloading.late_copies == 0 and offloading.arenas[6].numel() > 0
-    assert [(o.offloaded, o.inputs) for _, _, o, _ in results[1:]] == [
+    assert [(o.offloaded, o.inputs) for _, _, o, *_ in results[1:]] == [
         ([2, 6], []), ([], [0, 1, 2, 3, 4, 5, 6, 7, 8]), ([2, 6], [0, 1, 3, 4, 5, 7, 8])]
     # layer 2's tensors freed at layer 8, layer 6's before the last layer (then layer 8's recompute);
     # the inputs of layers 5 and below freed there (6 and 7 are within three; layer 8's own copy has
     # started), all before the last
-    assert [at_8 for *_, at_8 in results[1:]] == [[({6}, set()), (set(), set())] * 2,
+    assert [at_8 for *_, at_8, _ in results[1:]] == [[({6}, set()), (set(), set())] * 2,
                                                    [(set(), {6, 7, 8}), (set(), set())] * 2,
                                                    [({6}, {7, 8}), (set(), set())] * 2]
     assert results[1][2].copied_bytes >= 2 * 2 * 1900 * 192 * 4  # at least two MLP intermediates a layer went to the host
     assert results[2][2].copied_bytes == 9 * 1900 * 64 * 4  # nine inputs of 1,900 tokens x 64 fp32 values
-    first = micro_batch_loss(model, batches[1], "fp32", CPU, True)
-    micro_batch_loss(model, batches[1], "fp32", CPU, True)  # its host copies take the first one's place
-    with pytest.raises(UserError, match="second forward before the first one's backward"):
-        first.backward()
+    for (*_, model), what in zip(results[1:3], ("activations (model.offload_layers)", "input (model.offload_inputs)")):
+        first = micro_batch_loss(model, batches[0], "fp32", CPU, True)
+        micro_batch_loss(model, batches[1], "fp32", CPU, True)  # its host copies take the first one's place
+        with pytest.raises(UserError, match=re.escape(f"offloads its {what}, and ran a second forward before")):
+            first.backward()
 
 
 def test_fp16_gradscaler_skips_a_step_on_inf(tiny_model_factory):

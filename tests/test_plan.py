@@ -152,6 +152,11 @@ def test_explicit_recompute_settings_win_and_the_run_says_so(tmp_path, capsys):
     assert shorter.chosen.rows < 8192 and shorter.config.data.pack_length == shorter.chosen.rows
     assert all(p.recomputed == 8 for p in shorter.plans)  # the longer rows: over the budget
     assert all(p.peak_bytes > 16 * GIB for p in shorter.plans if p.rows != shorter.chosen.rows)
+    # on a GPU too: its rows fit only with the inputs in host memory, which it does not set, so they shorten
+    on_gpu, _ = plan_for(15, "model.recompute_layers=24", gpu=True)
+    assert not any(p.inputs for p in on_gpu.plans) and not on_gpu.config.model.offload_inputs
+    assert on_gpu.chosen.rows < 8192 and plan_for(15, "model.recompute_layers=24", "model.offload_inputs=true",
+                                                  gpu=True)[0].chosen is None  # fits at its rows with them
     common = ["--config", str(TINY_YAML), "--dry-run", f"train.output_dir={tmp_path / 'run'}"]
     assert train.main([*common, "train.memory_budget_gib=0.0001", "model.recompute_activations=true"]) == 0
     assert ("memory plan: none, the config sets model.recompute_activations itself; estimated peak"
