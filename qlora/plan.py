@@ -188,7 +188,7 @@ def candidates(cfg: Config, hf_config: Any, seq: int, ranks: int = 1, rows: int 
     counts = [recomputed_layers(cfg, layers)] if own_recompute else \
         [layers] if cfg.model.shard else range(layers + 1)
     plans = [Plan(n, layers, 0, rows, offloaded=own_offloaded(cfg, n, layers), inputs=held)
-             for n in counts for held in inputs]
+             for n in counts for held in (inputs if n else (False,))]  # nothing recomputed: no inputs kept
     return [dataclasses.replace(p, peak_bytes=estimate_for_config(p.apply(cfg), hf_config, seq, ranks)["total"])
             for p in plans]
 
@@ -304,7 +304,7 @@ def format_plans(plans: list[Plan], chosen: Plan, budget: Budget) -> str:
     """The table --estimate-memory prints: each candidate's predicted peak and relative speed."""
     lines = [f"memory plans for a {budget.describe()}; peak allocated as estimated, speed relative "
              f"to recomputing every layer:"]
-    for p in plans + ([chosen] if chosen not in plans else []):  # the chosen plan with its dequantized layers last
+    for p in plans + ([chosen] if chosen not in plans else []):  # the chosen plan, with what it spends, last
         mark = "  <- chosen" if p == chosen else ("" if p.peak_bytes <= budget.gib * GIB else "  (over budget)")
         lines.append(f"  {p.describe():<50} {p.peak_bytes / GIB:8.3f} GiB  {p.speed:5.2f}x{mark}")
     return "\n".join(lines)
