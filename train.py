@@ -281,7 +281,8 @@ def summary(args: argparse.Namespace, result: FitResult, estimate: dict[str, int
             if result.peak_gib is not None else " (measured only on CUDA)"))
     if offload is not None:  # late copies back: a prefetch missed, the backward waited for the copy
         what = [*([f"layers {', '.join(map(str, offload.offloaded))}"] if offload.offloaded else []),
-                *([f"the inputs of {len(offload.inputs)} recomputing layers"] if offload.inputs else [])]
+                *([f"the inputs of {len(offload.inputs)} recomputing layer{'s' * (len(offload.inputs) > 1)}"]
+                  if offload.inputs else [])]
         lines.append(f"memory: {' and '.join(what)} offloaded {offload.copied_bytes / 2**30:.2f} GiB to host "
                      f"memory in the last micro-batch; {offload.late_copies} copies back began late")
     lines.append(f"metrics: {run_dir / 'metrics.jsonl'}; checkpoint: {result.checkpoint}")
