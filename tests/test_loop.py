@@ -199,7 +199,11 @@ def test_dequantized_layers_give_the_4bit_layers_loss_and_gradients(tiny_model_f
     assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
 
 
-def test_offloaded_layers_and_inputs_give_the_kept_layers_loss_and_gradients(tmp_path):
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+@pytest.mark.parametrize("device", [CPU, pytest.param(torch.device("cuda", 0), marks=CUDA_ONLY)], ids=str)
+def test_offloaded_layers_and_inputs_give_the_kept_layers_loss_and_gradients(tmp_path, device):
     """model.offload_layers and model.offload_inputs on the tiny Llama grown to 10 layers, every
     layer recomputing: layers 2 and 6 send their saved activations to host memory and back (layer 2
     freed at layer 8, layer 6 before the last; brought back from the backward of layers 4 and 8),
@@ -207,7 +211,8 @@ def test_offloaded_layers_and_inputs_give_the_kept_layers_loss_and_gradients(tmp
     layers above). The loss and gradients are those of layers keeping their activations, bit for
     bit, dropout included, over two micro-batches (the second, shorter, one placing its host copies
     in the arena the first one sized). Everything offloaded is freed by the end of the forward, and
-    every copy back started ahead of its layer's backward."""
+    every copy back started ahead of its layer's backward. On a GPU (not in CI: run it there), the
+    copies run on the side stream into pinned memory, and attention is eager (deterministic)."""
     config = json.loads((ROOT / "configs" / "tiny" / "model" / "config.json").read_text())
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10}))
@@ -215,8 +220,9 @@ def test_offloaded_layers_and_inputs_give_the_kept_layers_loss_and_gradients(tmp
     results = []
     for recompute, offload, inputs in ((0, 0, False), (None, 2, False), (None, 0, True), (None, 2, True)):
         cfg = ModelConfig(name=str(tmp_path / "model"), random_init=True, random_init_cache=str(tmp_path / "cache"),
-                          recompute_layers=recompute, offload_layers=offload, offload_inputs=inputs)
-        model = build_model(cfg, LoraConfig(r=16, dropout=0.1), "fp32", CPU, 0)
+                          recompute_layers=recompute, offload_layers=offload, offload_inputs=inputs,
+                          **({"attn_implementation": "eager"} if device.type == "cuda" else {}))
+        model = build_model(cfg, LoraConfig(r=16, dropout=0.1), "fp32", device, 0)
         offloading, at_8 = model.activation_offload, []  # at_8: after layer 8's call freed what it frees
         if offloading:
             decoder_layers(model)[8].register_forward_pre_hook(lambda *_: at_8.append(
@@ -224,7 +230,7 @@ def test_offloaded_layers_and_inputs_give_the_kept_layers_loss_and_gradients(tmp
         torch.manual_seed(4)
         losses = []
         for batch in batches:
-            loss = micro_batch_loss(model, batch, "fp32", CPU, True)
+            loss = micro_batch_loss(model, batch, "fp32", device, True)
             if offloading:
                 assert not offloading.in_flight and not offloading.inputs_in_flight  # freed before the last layer
                 assert all(offloading.held[j].tensor.untyped_storage().nbytes() == 0 for j in offloading.inputs)
@@ -247,8 +253,8 @@ def test_offloaded_layers_and_inputs_give_the_kept_layers_loss_and_gradients(tmp
     assert results[1][2].copied_bytes >= 2 * 2 * 1900 * 192 * 4  # at least two MLP intermediates a layer went to the host
     assert results[2][2].copied_bytes == 9 * 1900 * 64 * 4  # nine inputs of 1,900 tokens x 64 fp32 values
     for (*_, model), what in zip(results[1:3], ("activations (model.offload_layers)", "input (model.offload_inputs)")):
-        first = micro_batch_loss(model, batches[0], "fp32", CPU, True)
-        micro_batch_loss(model, batches[1], "fp32", CPU, True)  # its host copies take the first one's place
+        first = micro_batch_loss(model, batches[0], "fp32", device, True)
+        micro_batch_loss(model, batches[1], "fp32", device, True)  # its host copies take the first one's place
         with pytest.raises(UserError, match=re.escape(f"offloads its {what}, and ran a second forward before")):
             first.backward()
 
