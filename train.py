@@ -188,7 +188,7 @@ def plan_memory(args: argparse.Namespace, cfg: Config, data: TokenizedData) -> C
     budget = resolve_budget(cfg)  # with `auto`: this rank's GPU's free memory (none on a CPU)
     if budget is None:
         return cfg
-    architecture, seq, ranks = read_architecture(cfg.model), longest_row(data), launched_ranks()
+    architecture, seq, ranks = read_architecture(cfg.model), data.longest, launched_ranks()
     choice = choose(cfg, architecture, seq, given_keys(args.config, args.overrides), budget, ranks,
                     gpu=local_device(cfg.train.device).type == "cuda")
     if choice.chosen is not None:
@@ -205,10 +205,6 @@ def plan_memory(args: argparse.Namespace, cfg: Config, data: TokenizedData) -> C
     return choice.config
 
 
-def longest_row(data: TokenizedData) -> int:
-    return max(len(r.input_ids) for r in data.rows)
-
-
 def report_data(args: argparse.Namespace, cfg: Config, data: TokenizedData, tokenizer: Any) -> dict[str, int] | None:
     """The data report; with --estimate-memory the predicted peak (from config.json and the
     longest row: nothing is loaded), which it returns; with --inspect-data the examples."""
@@ -219,7 +215,7 @@ def report_data(args: argparse.Namespace, cfg: Config, data: TokenizedData, toke
     print("\n".join(data.report.lines()), file=sys.stderr if args.json else sys.stdout)  # --json: stdout is JSON
     estimate = None
     if args.estimate_memory:
-        estimate = estimate_for_config(cfg, read_architecture(cfg.model), seq=longest_row(data),
+        estimate = estimate_for_config(cfg, read_architecture(cfg.model), seq=data.longest,
                                        ranks=launched_ranks())
         print(format_estimate(estimate))
     if args.inspect_data is not None:

@@ -135,14 +135,25 @@ def run_steps(model: Any, cfg: Config, order: DataOrder, device: torch.device, s
 
 # ---------------------------------------------------------------- our loop
 
+def levers_for(cfg: Config) -> list[tuple[str, list[str]]]:
+    """LEVERS, then the config's own recompute count where it sets one (the plain variant recomputes
+    every layer)."""
+    return LEVERS + ([(f"+recompute {cfg.model.recompute_layers} of "
+                       f"{read_architecture(cfg.model).num_hidden_layers} layers",
+                       [f"model.recompute_layers={cfg.model.recompute_layers}"])]
+                     if cfg.model.recompute_layers is not None else [])
+
+
+def with_every_lever(config: str, shape: str, overrides: list[str]) -> Config:
+    """The config of `ours --only-last` (without --budget): every lever on."""
+    cfg = job_config(config, shape, overrides)
+    return job_config(config, shape, overrides, [c for _, change in levers_for(cfg) for c in change])
+
+
 def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_last: bool = False,
              skip: tuple[str, ...] = (), budget: float | None = None) -> list[dict]:
     cfg, tokenizer, data, device = setup(config, shape, overrides)
-    levers = LEVERS + ([(f"+recompute {cfg.model.recompute_layers} of "
-                         f"{read_architecture(cfg.model).num_hidden_layers} layers",
-                         [f"model.recompute_layers={cfg.model.recompute_layers}"])]
-                       if cfg.model.recompute_layers is not None else [])
-    levers = [(name, change) for name, change in levers if name not in skip]
+    levers = [(name, change) for name, change in levers_for(cfg) if name not in skip]
     variants, added = [], []
     for name, change in levers:
         added += change
@@ -150,8 +161,8 @@ def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_las
                          job_config(config, shape, overrides, added)))
     if budget is not None:  # train.memory_budget_gib's plan for the last variant, every planned key left to it
         last = variants[-1][1]
-        choice = choose(last, read_architecture(last.model), max(len(r.input_ids) for r in data.rows), set(),
-                        Budget(budget, False), gpu=device.type == "cuda")
+        choice = choose(last, read_architecture(last.model), data.longest, set(), Budget(budget, False),
+                        gpu=device.type == "cuda")
         variants.append((f"+memory plan for {budget:g} GiB: {choice.chosen.describe()}", choice.config))
     model = build_model(variants[0][1].model, cfg.lora, cfg.train.precision, device, cfg.train.seed)
     params, results, previous = n_params(cfg), [], variants[0][1]
@@ -176,10 +187,10 @@ def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_las
             max(filter(None, (m["peak_reserved_gib"] for m in peaks)), default=None))}
         if check is not None:
             row["step0_loss_relative_to_sdpa"] = check
-        if model.activation_offload is not None:  # model.offload_layers (qlora/offload.py)
-            row["offload"] = {"layers": model.activation_offload.offloaded, "inputs": model.activation_offload.inputs,
-                              "gib_last_micro_batch": model.activation_offload.copied_bytes / 2**30,
-                              "late_copies": model.activation_offload.late_copies}
+        offload = model.activation_offload  # model.offload_layers and offload_inputs (qlora/offload.py)
+        if offload is not None:
+            row["offload"] = {"layers": offload.offloaded, "inputs": offload.inputs,
+                              "gib_last_micro_batch": offload.copied_bytes / GIB, "late_copies": offload.late_copies}
         if variant.model.compile_layers:
             from torch._dynamo.utils import counters
             row["compile"] = {"graph_breaks": sum(counters["graph_break"].values()),

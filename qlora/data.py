@@ -225,6 +225,11 @@ class TokenizedData:
     rows: list[Encoded]
     report: DataReport
 
+    @property
+    def longest(self) -> int:
+        """Tokens in the longest row (what the memory estimate and plan size a batch by)."""
+        return max(len(r.input_ids) for r in self.rows)
+
 
 def prepare_data(cfg: DataConfig, prompter: Prompter, seed: int) -> TokenizedData:
     """Load -> select -> encode every example; the report counts what was cut or dropped."""

@@ -116,9 +116,9 @@ def apply_levers(model: PeftModel, cfg: ModelConfig, precision: str) -> None:
     dequantize_first_layers(model, cfg.dequantized_layers)
     if not cfg.upcast_non_quantized:
         cast_frozen_fp32(model, DTYPES[precision])
-    # after the casts and swaps: it records where the model's own tensors live
-    model.activation_offload = offload_some_layers(model, cfg.offload_layers if cfg.recompute_activations else 0,
-                                                   cfg.offload_inputs and cfg.recompute_activations)
+    # after the casts and swaps: it records where the model's own tensors live (both keys need
+    # recompute_activations: qlora/config.py)
+    model.activation_offload = offload_some_layers(model, cfg.offload_layers, cfg.offload_inputs)
     if cfg.compile_layers:
         compile_decoder_layers(model)
 

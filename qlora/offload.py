@@ -89,13 +89,17 @@ class OffloadedInput:
     """On CUDA: recorded on the copy stream after the copy out."""
     ready: torch.cuda.Event | None = None
     """On CUDA: recorded on the copy stream after the copy back."""
-    restored: bool = False
-    """Put back (or being put back): the recompute waits for `ready`."""
 
 
 def storage_bytes(t: torch.Tensor) -> torch.Tensor:
     """t's storage, as a byte tensor of its own (copying into it leaves t's version counter alone)."""
     return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+
+
+def second_forward(layer: int, what: str) -> UserError:
+    """A backward whose host copies a later forward through the same layer has overwritten."""
+    return UserError(f"layer {layer} offloads its {what}, and ran a second forward before the first one's "
+                     f"backward: one forward, then its backward")
 
 
 def most_offloaded(recomputed: int, layers: int) -> int:
@@ -256,13 +260,12 @@ class ActivationOffload:
         """The layer's forward, run by the checkpoint: first in the forward pass (the input is still
         there), then in the backward's recompute, which reads the input put back into its storage."""
         if held.tensor.untyped_storage().nbytes():
-            if held.restored and self.inputs_back.get(held.layer) is held:
-                del self.inputs_back[held.layer]  # read now: no reference left here once the recompute is done
+            if self.inputs_back.get(held.layer) is held:  # put back: read now, no reference left here after
+                del self.inputs_back[held.layer]
                 self._wait(held.ready)
             return forward(*args)
         if held.forward != self.forwards[held.layer]:
-            raise UserError(f"layer {held.layer} offloads its input (model.offload_inputs), and ran a second "
-                            f"forward before the first one's backward: one forward, then its backward")
+            raise second_forward(held.layer, "input (model.offload_inputs)")
         self.late_copies += 1  # not put back ahead of time: put back now, and wait for it
         self._put_back(held)
         return self._with_input_back(held, forward, *args)
@@ -272,7 +275,7 @@ class ActivationOffload:
         GPU memory: one input, LEAD layers early."""
         self.held.pop(held.layer, None)
         held.tensor.untyped_storage().resize_(held.host.numel())
-        held.ready, held.restored = self._copy(storage_bytes(held.tensor), held.host), True
+        held.ready = self._copy(storage_bytes(held.tensor), held.host)
         self.inputs_back[held.layer] = held
 
     def _host_place(self, index: int, t: torch.Tensor) -> torch.Tensor:
@@ -337,8 +340,7 @@ class ActivationOffload:
         if isinstance(saved, torch.Tensor):
             return saved
         if saved.forward != self.forwards[saved.layer]:  # its arena bytes may hold a later forward's
-            raise UserError(f"layer {saved.layer} offloads its activations (model.offload_layers), and ran a "
-                            f"second forward before the first one's backward: one forward, then its backward")
+            raise second_forward(saved.layer, "activations (model.offload_layers)")
         if saved.back is None:  # not prefetched (or unpacked twice): copy it back now, and wait for it
             self.late_copies += 1
             self._bring_back(saved)

@@ -68,11 +68,10 @@ OFFLOAD_EVERY = 6
 copies have the forward of the layers up to the next one to run in: a layer of Llama-2-7B at rows
 of 8,192 copies about 0.93 GB each way, 17 ms at an H200's 54 GB/s, about four layers' forward.
 Measured (the shipped config, a 15.5 GiB budget, recompute 24 of 32 layers, one H200, steps 3-14,
-bench/results/2026-11-29-session12-h200/call-e): 12,594 tokens/s with none offloaded, 13,104 with
-4 (the model prices 1.05x; 4.0% measured, with the GPU tensors freed once the CPU saw their copies
-done: the GPU tensors now wait for the compute stream instead, not measured). No other spacing was
-measured with the host memory reused (calls A-D allocated it per tensor and ran slower at every
-count). Measured on Llama-2-7B, in one process, on this GPU only: a slower GPU hides longer
+bench/results/2026-11-29-session13-h200/call-a): 12,692 tokens/s with none offloaded, 13,257 with
+4 (the model prices 1.05x; 4.4% measured), at a peak 0.24 GiB lower. No other spacing was
+measured with the host memory reused (session 12's calls A-D allocated it per tensor and ran slower
+at every count). Measured on Llama-2-7B, in one process, on this GPU only: a slower GPU hides longer
 copies, a smaller model's layers copy more bytes per FLOP, and torchrun's ranks share the host's
 links (the plan offloads in one process only)."""
 PLANNED_KEYS = ("model.recompute_activations", "model.recompute_layers")
@@ -291,13 +290,17 @@ def with_offloaded(plan: Plan, cfg: Config, hf_config: Any, seq: int, ranks: int
 
 
 def with_dequantized(plan: Plan, cfg: Config, hf_config: Any, seq: int, ranks: int, budget: Budget) -> Plan:
-    """`plan` with as many dequantized layers as the budget has room for beside it (model.dequantized_layers)."""
-    for n in range(plan.layers, 0, -1):
-        more = dataclasses.replace(plan, dequantized=n)
-        peak = estimate_for_config(more.apply(cfg), hf_config, seq, ranks)["total"]
-        if peak <= budget.gib * GIB:
-            return dataclasses.replace(more, peak_bytes=peak)
-    return plan
+    """`plan` (within the budget) with as many dequantized layers as the budget has room for beside
+    it (model.dequantized_layers). Each one adds to the peak, so a bisection finds the most: the
+    plan prices every fitting recompute count this way."""
+    def peak(n: int) -> int:
+        return estimate_for_config(dataclasses.replace(plan, dequantized=n).apply(cfg), hf_config, seq, ranks)["total"]
+
+    fits, over = 0, plan.layers + 1  # the most known to fit, the fewest known not to
+    while over - fits > 1:
+        middle = (fits + over) // 2
+        fits, over = (middle, over) if peak(middle) <= budget.gib * GIB else (fits, middle)
+    return dataclasses.replace(plan, dequantized=fits, peak_bytes=peak(fits)) if fits else plan
 
 
 def format_plans(plans: list[Plan], chosen: Plan, budget: Budget) -> str:

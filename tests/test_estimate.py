@@ -111,7 +111,7 @@ def test_estimate_with_compute_dtype_norms_is_above_and_near_the_measured_peak(p
 
     result = json.loads(path.read_text())
     config = result["command"].split("--config ")[1].split()[0]
-    cfg = bench.job_config(str(ROOT / config), result["shape"], [], [c for _, change in bench.LEVERS for c in change])
+    cfg = bench.with_every_lever(str(ROOT / config), result["shape"], [])
     assert not cfg.model.upcast_non_quantized and cfg.data.packing and cfg.model.compile_layers
     estimate = estimate_for_config(cfg, read_architecture(cfg.model), seq=cfg.data.max_length)["total"] / GIB
     measured = result["results"][0]["peak_allocated_gib"]
@@ -134,9 +134,8 @@ def test_estimate_with_offloaded_layers_and_inputs_holds_the_mistral_runs(path):
 
     result = json.loads(path.read_text())
     overrides = [w for w in result["command"].split() if w.startswith("model.") and "tokenizer" not in w]
-    recompute = [w for w in overrides if w.startswith("model.recompute_layers=")]  # compare_trl's last lever
-    cfg = bench.job_config(str(ROOT / "configs" / "mistral-7b-korquad.yaml"), result["shape"], overrides,
-                           [c for _, change in bench.LEVERS for c in change] + recompute)
+    recompute = [w for w in overrides if w.startswith("model.recompute_layers=")]
+    cfg = bench.with_every_lever(str(ROOT / "configs" / "mistral-7b-korquad.yaml"), result["shape"], overrides)
     assert cfg.model.recompute_layers == (int(recompute[0].split("=")[1]) if recompute else None)
     estimate = estimate_for_config(cfg, read_architecture(cfg.model), seq=cfg.data.max_length)["total"] / GIB
     measured = result["results"][0]["peak_allocated_gib"]
