@@ -40,7 +40,7 @@ use_expandable_segments()  # before torch touches CUDA
 
 import torch  # noqa: E402
 
-from qlora.attention import VARLEN  # noqa: E402
+from qlora.attention import BOUNDED, INFERENCE  # noqa: E402
 from qlora.batching import DataOrder, data_order  # noqa: E402
 from qlora.config import Config, load_config  # noqa: E402
 from qlora.data import IGNORE, prepare_data  # noqa: E402
@@ -76,14 +76,14 @@ PLAIN = LEVERS[0][1]  # TRL's side: padded rows, SDPA, uncompiled, every layer r
 
 
 def job_config(config: str, shape: str, overrides: list[str], added: list[str] = ()) -> Config:
-    """config file + JOB + shape + overrides + `added` (a lever's or TRL's side). A lever the model's
-    architecture rules out (qlora/families.py) keeps the value of config file + overrides on both
-    sides: Gemma-2 trains with eager attention, as TRL's docs advise for it too."""
-    own = load_config(config, [*JOB, *SHAPES[shape], *overrides])
-    architecture = read_architecture(own.model)
-    pinned = [f"model.{limit.key}={getattr(own.model, limit.key)}" for limit in LEVER_LIMITS
-              if limit.applies(architecture)]
-    return load_config(config, [*JOB, *SHAPES[shape], *overrides, *added, *pinned])
+    """config file + JOB + shape + overrides + `added` (a lever's or TRL's side). A value the model's
+    architecture rules out (qlora/families.py) becomes the nearest one it allows: for Gemma-2, TRL's
+    side and our plain variant run eager attention (as TRL's docs advise for it), the varlen lever flex."""
+    cfg = load_config(config, [*JOB, *SHAPES[shape], *overrides, *added])
+    architecture = read_architecture(cfg.model)
+    instead = [f"model.{limit.key}={limit.instead[getattr(cfg.model, limit.key)]}" for limit in LEVER_LIMITS
+               if limit.applies(architecture) and getattr(cfg.model, limit.key) in limit.instead]
+    return load_config(config, [*JOB, *SHAPES[shape], *overrides, *added, *instead]) if instead else cfg
 
 
 def setup(config: str, shape: str, overrides: list[str], added: list[str] = ()) -> tuple[Config, Any, Any, torch.device]:
@@ -172,9 +172,10 @@ def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_las
             previous = variant
             continue
         order = data_order(data.rows, variant.data, variant.train, tokenizer.pad_token_id)
-        check = (loss_against_sdpa(model, order, variant, device)
-                 if variant.model.attn_implementation == VARLEN and
-                 (only_last or previous.model.attn_implementation != VARLEN or previous.data.packing != variant.data.packing)
+        attn = variant.model.attn_implementation
+        check = (loss_against_dense(model, order, variant, device)
+                 if attn in BOUNDED and
+                 (only_last or previous.model.attn_implementation != attn or previous.data.packing != variant.data.packing)
                  else None)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -186,7 +187,7 @@ def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_las
             max(filter(None, (step_peak_gib(m) for m in peaks)), default=None),
             max(filter(None, (m["peak_reserved_gib"] for m in peaks)), default=None))}
         if check is not None:
-            row["step0_loss_relative_to_sdpa"] = check
+            row[f"step0_loss_relative_to_{INFERENCE[attn]}"] = check
         offload = model.activation_offload  # model.offload_layers and offload_inputs (qlora/offload.py)
         if offload is not None:
             row["offload"] = {"layers": offload.offloaded, "inputs": offload.inputs,
@@ -201,18 +202,19 @@ def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_las
     return results
 
 
-def loss_against_sdpa(model: Any, order: DataOrder, cfg: Config, device: torch.device) -> float:
-    """|varlen - SDPA| / SDPA for the loss of step 0's window, same weights, same batches: the
-    GPU side of the CPU test that varlen attention keeps the loss."""
-    losses = []
+def loss_against_dense(model: Any, order: DataOrder, cfg: Config, device: torch.device) -> float:
+    """|bounded - dense| / dense for the loss of step 0's window, same weights, same batches:
+    varlen against SDPA, flex against eager (qlora.attention.INFERENCE). The GPU side of the CPU
+    tests that these kernels keep the loss."""
+    losses, attn = [], cfg.model.attn_implementation
     model.eval()  # LoRA dropout off: the two passes must see the same function
     with torch.no_grad():
-        for attn in (VARLEN, "sdpa"):
-            model.get_base_model().set_attn_implementation(attn)
+        for implementation in (attn, INFERENCE[attn]):
+            model.get_base_model().set_attn_implementation(implementation)
             losses.append(sum(float(micro_batch_loss(model, b, cfg.train.precision, device,
                                                      cfg.train.supervised_logits_only))
                               for b in order.batches(0)[1]))
-    model.get_base_model().set_attn_implementation(VARLEN)
+    model.get_base_model().set_attn_implementation(attn)
     model.train()
     return abs(losses[0] - losses[1]) / losses[1]
 

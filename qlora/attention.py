@@ -1,27 +1,42 @@
-"""Variable-length attention: `model.attn_implementation: varlen`.
+"""Attention over each example's own tokens: `model.attn_implementation: varlen` or `flex`.
 
 Packed rows hold several examples back to back. SDPA needs a dense [T, T] mask for them and computes
-every block of it, masked or not; flash attention's variable-length kernel (torch's `varlen_attn`)
-takes the examples' boundaries instead and computes only the causal triangle of each example. The
-boundaries come with the batch (`sequence_bounds`, computed on the CPU: no sync per layer) and reach
-this function through transformers' attention interface as `cu_seq_lens_q` / `max_length_q`.
+every block of it, masked or not; both kernels here take the examples' boundaries instead and compute
+only each example's causal triangle. The boundaries come with the batch (`sequence_bounds`, computed
+on the CPU: no sync per layer) and reach these functions through transformers' attention interface
+as `cu_seq_lens_q` / `max_length_q`.
+
+- varlen: flash attention's variable-length kernel (torch's `varlen_attn`). No logit soft-capping.
+- flex: torch's flex attention, compiled on its own: the logit soft-cap of Gemma-2 is a score
+  modifier, the boundaries a block mask. For models whose attention flash cannot compute.
 
 Right-padded (unpacked) rows work too: each row is one sequence, and under a causal mask no real
 token sees the padding after it. Left padding (generation) does not: evaluation loads the model
-with SDPA.
+with SDPA (varlen) or eager attention (flex), the same function without the boundaries.
+The CPU has neither kernel (flex has no backward there): it runs the same sequences one at a time.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Any
+import weakref
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.nn.attention.varlen import varlen_attn
 from transformers import AttentionInterface
 
 VARLEN = "varlen"
+FLEX = "flex"
+BOUNDED = (VARLEN, FLEX)
+"""The implementations that read the batch's sequence bounds."""
+INFERENCE = {VARLEN: "sdpa", FLEX: "eager"}
+"""What generation runs instead (left padding): the same attention as a dense mask, soft-cap kept."""
+BLOCK = 128
+"""Flex's block of queries and keys (its default)."""
 _VARLEN_ACCEPTS = frozenset(inspect.signature(varlen_attn).parameters)  # read once, outside any compiled code
 
 
@@ -37,38 +52,41 @@ def sequence_bounds(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
-def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                             value: torch.Tensor, attention_mask: torch.Tensor | None,
-                             scaling: float | None = None, dropout: float = 0.0,
-                             cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
-                             sliding_window: int | None = None, softcap: float | None = None,
-                             **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers' attention signature: q, k, v as [B, H, T, D]; returns [B, T, H, D]. A layer's
-    `sliding_window` (Mistral-v0.1, Gemma's local layers) limits each token to that many latest
-    tokens, itself included; logit soft-capping (Gemma-2) has no flash kernel here, and the model
-    phase refuses varlen for such a model before it loads (qlora/families.py)."""
-    if cu_seq_lens_q is None:
-        raise RuntimeError("varlen attention needs the batch's sequence bounds (qlora.attention.sequence_bounds)")
-    if softcap is not None:
+def bounded_attention(kernel: Callable[..., torch.Tensor]) -> Callable[..., tuple[torch.Tensor, None]]:
+    """transformers' attention signature around `kernel(q, k, v, cu, longest, scale, window, softcap)`,
+    which takes one stream of tokens [N, H, D] (H: query heads; K and V may have fewer)."""
+
+    def forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
+                sliding_window: int | None = None, softcap: float | None = None,
+                **kwargs: Any) -> tuple[torch.Tensor, None]:
+        """q, k, v as [B, H, T, D]; returns [B, T, H, D]. A layer's `sliding_window` (Mistral-v0.1,
+        Gemma's local layers) limits each token to that many latest tokens, itself included."""
+        if cu_seq_lens_q is None:
+            raise RuntimeError("this attention needs the batch's sequence bounds (qlora.attention.sequence_bounds)")
+        rows, heads, width, dim = query.shape
+        if query.dtype == torch.float32 and torch.is_autocast_enabled(query.device.type):
+            # fp32 norms (model.upcast_non_quantized) hand us fp32 q/k/v. Autocast runs SDPA in the
+            # compute dtype; these kernels, which autocast does not see, would run in fp32 or refuse it.
+            dtype = torch.get_autocast_dtype(query.device.type)
+            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+        # [B, H, T, D] -> [B*T, H, D]: one stream of tokens, sequences delimited by cu_seq_lens_q
+        q, k, v = (t.transpose(1, 2).reshape(rows * width, t.shape[1], dim) for t in (query, key, value))
+        if q.is_cuda:
+            out = kernel(q, k, v, cu_seq_lens_q, max_length_q, scaling, sliding_window, softcap)
+        else:  # no kernel on the CPU: the same sequences, one causal attention call each
+            out = torch.cat([causal_attention(q[s:e], k[s:e], v[s:e], scaling, sliding_window, softcap)
+                             for s, e in zip(cu_seq_lens_q[:-1].tolist(), cu_seq_lens_q[1:].tolist())])
+        return out.view(rows, width, heads, dim), None
+
+    return forward
+
+
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int,
+                 scale: float | None, window: int | None, softcap: float | None) -> torch.Tensor:
+    if softcap is not None:  # the model phase refuses varlen for such a model before it loads (qlora/families.py)
         raise RuntimeError("varlen attention has no logit soft-capping")
-    rows, heads, width, dim = query.shape
-    if query.dtype == torch.float32 and torch.is_autocast_enabled(query.device.type):
-        # fp32 norms (model.upcast_non_quantized) hand us fp32 q/k/v. Autocast runs SDPA in the
-        # compute dtype; flash attention, a custom op autocast does not see, accepts only that dtype.
-        dtype = torch.get_autocast_dtype(query.device.type)
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    # [B, H, T, D] -> [B*T, H, D]: one stream of tokens, sequences delimited by cu_seq_lens_q
-    q, k, v = (t.transpose(1, 2).reshape(rows * width, t.shape[1], dim) for t in (query, key, value))
-    if q.is_cuda:
-        out = _flash_varlen(q, k, v, cu_seq_lens_q, max_length_q, scaling, sliding_window)
-    else:  # no flash kernel on the CPU: the same sequences, one causal SDPA call each
-        out = torch.cat([_causal_sdpa(q[s:e], k[s:e], v[s:e], scaling, sliding_window)
-                         for s, e in zip(cu_seq_lens_q[:-1].tolist(), cu_seq_lens_q[1:].tolist())])
-    return out.view(rows, width, heads, dim), None
-
-
-def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int,
-                  scale: float | None, window: int | None) -> torch.Tensor:
     # torch 2.9 spelled causality `is_causal=True` and had no `scale` (its default, 1/sqrt(D), is
     # Llama's) nor windows; later releases spell causality as a window of (before, after) tokens.
     limited = window is not None and window < longest
@@ -90,21 +108,124 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
     return varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
 
 
-def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
-                 window: int | None) -> torch.Tensor:
-    """[n, H, D] in and out."""
+# Shapes are fixed (dynamic=False): flex's kernels are generated for each padded length (padded_length).
+_compiled_flex = torch.compile(flex_attention, dynamic=False)
+
+
+@torch.compiler.disable  # a graph break in a compiled decoder layer: flex is compiled on its own, shapes fixed
+def flex_stream(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int,
+                scale: float | None, window: int | None, softcap: float | None,
+                flex: Callable[..., torch.Tensor] = _compiled_flex) -> torch.Tensor:
+    """Flex attention over one stream [N, H, D], zero-padded to `padded_length(N)` so that a few
+    compiled kernels serve every row length; the padding is a sequence of its own, sliced off.
+    `flex`: the compiled function (tests pass the uncompiled one: the CPU has no compiled backward)."""
     n = q.shape[0]
+    size = padded_length(n)
+    mask = block_mask(cu, size, window if window is not None and window < longest else None)
+    q, k, v = (F.pad(t, (0, 0, 0, 0, 0, size - n)).transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out = flex(q, k, v, score_mod=soft_cap(softcap), block_mask=mask, scale=scale,
+               enable_gqa=k.shape[1] != q.shape[1])
+    return out[0].transpose(0, 1)[:n]
+
+
+def padded_length(n: int) -> int:
+    """The next power of two, at least flex's block (BLOCK tokens): packed rows of 4,096 tokens use one
+    or two kernels (a window's last row may be shorter)."""
+    return max(BLOCK, 1 << (n - 1).bit_length())
+
+
+@functools.cache
+def soft_cap(cap: float | None) -> Callable[..., torch.Tensor] | None:
+    """Gemma-2's cap * tanh(score / cap). One function per cap: compiled flex recompiles for a new one."""
+    if cap is None:
+        return None
+
+    def capped(score: torch.Tensor, b: Any, h: Any, q: Any, kv: Any) -> torch.Tensor:
+        return cap * torch.tanh(score / cap)
+
+    return capped
+
+
+_masks: dict[str, Any] = {"cu": None, "by_window": {}}
+"""The block masks of the batch being run. Every layer and every recompute of one micro-batch gets
+the same `cu` tensor (the forward's own argument), so they are built once per micro-batch (a few
+ms on the GPU), one per window size."""
+
+
+def block_mask(cu: torch.Tensor, size: int, window: int | None) -> BlockMask:
+    same = _masks["cu"] is not None and _masks["cu"]() is cu  # a weak reference: a freed batch never matches
+    if not same:
+        _masks["cu"], _masks["by_window"] = weakref.ref(cu), {}
+    key = (size, window)
+    if key not in _masks["by_window"]:
+        _masks["by_window"][key] = build_block_mask(cu, size, window)
+    return _masks["by_window"][key]
+
+
+def build_block_mask(cu: torch.Tensor, size: int, window: int | None) -> BlockMask:
+    """Causal within each sequence (and within the window): token i's sequence is the number of
+    sequence ends at or before i; the padding past cu[-1] counts as one more sequence.
+
+    The kernel needs, per block of 128 queries, the key blocks it must read: "full" ones (every
+    pair allowed) and partial ones (the kernel applies `allowed` there). create_block_mask finds
+    them by evaluating `allowed` densely, with [size, size] int64 temporaries (0.5 GB at 8,192
+    tokens, which would stay in the GPU allocator's reserve); sequences being contiguous ranges,
+    block bounds give the same answer from [blocks, blocks] tensors (tests/test_attention.py)."""
+    positions = torch.arange(size, device=cu.device)
+    sequence = torch.searchsorted(cu[1:].to(positions.dtype), positions, right=True)
+
+    def allowed(b: Any, h: Any, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        keep = (sequence[q] == sequence[kv]) & (q >= kv)
+        return keep if window is None else keep & (q - kv < window)
+
+    ends = sequence.view(-1, BLOCK)[:, [0, -1]]  # first and last sequence of each block (ids only grow)
+    q_first, q_last = ends[:, None, 0], ends[:, None, 1]
+    kv_first, kv_last = ends[None, :, 0], ends[None, :, 1]
+    q_block = torch.arange(ends.shape[0], device=cu.device)[:, None]
+    kv_block = q_block.T
+    some = (kv_block <= q_block) & (kv_last >= q_first)  # a key block at or before, reaching the query block's first sequence
+    full = (kv_block < q_block) & (kv_first == q_last)  # both blocks inside one sequence
+    if window is not None:  # nearest and farthest pairs of the two blocks
+        some &= (q_block - kv_block) * BLOCK - (BLOCK - 1) < window
+        full &= (q_block - kv_block) * BLOCK + (BLOCK - 1) < window
+    partial = some & ~full
+    return BlockMask.from_kv_blocks(*kv_blocks(partial), *kv_blocks(full), BLOCK_SIZE=BLOCK, mask_mod=allowed,
+                                    seq_lengths=(size, size))
+
+
+def kv_blocks(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[q blocks, kv blocks] bool -> BlockMask's (count, indices) per query block, chosen ones first."""
+    order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)
+    return chosen.sum(1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                     window: int | None, softcap: float | None) -> torch.Tensor:
+    """One sequence, [n, H, D] in and out: SDPA, or with a soft-cap the eager computation
+    transformers' Gemma-2 runs (scores, cap, mask, fp32 softmax)."""
+    n = q.shape[0]
+    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
     mask = None
     if window is not None and window < n:
         i = torch.arange(n, device=q.device)
         distance = i[:, None] - i[None, :]
         mask = (distance >= 0) & (distance < window)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-                                         is_causal=mask is None, scale=scale, enable_gqa=bool(k.shape[1] != q.shape[1]))
-    return out.transpose(0, 1)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                             enable_gqa=bool(k.shape[0] != q.shape[0]))
+        return out.transpose(0, 1)
+    groups = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
+    scores = q @ k.transpose(1, 2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = softcap * torch.tanh(scores / softcap)
+    if mask is None:
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v).transpose(0, 1)
 
 
 def register() -> None:
-    """Make `attn_implementation="varlen"` known to from_pretrained. transformers then builds no
-    attention mask for it (none is needed: the bounds say everything)."""
-    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    """Make "varlen" and "flex" known to from_pretrained. transformers then builds no attention mask
+    for them (none is needed: the bounds say everything)."""
+    AttentionInterface.register(VARLEN, bounded_attention(flash_varlen))
+    AttentionInterface.register(FLEX, bounded_attention(flex_stream))

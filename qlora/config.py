@@ -96,10 +96,12 @@ class ModelConfig:
     upcast_non_quantized: bool = key(
         True, "Keep prepare_model_for_kbit_training's fp32 norms, embeddings and LM head (false: the compute "
               "dtype, which halves the residual stream's memory).", lowers_peak="=false")
-    attn_implementation: Literal["sdpa", "eager", "varlen"] = key(
+    attn_implementation: Literal["sdpa", "eager", "varlen", "flex"] = key(
         "sdpa", "varlen: flash attention over each example's own tokens (qlora/attention.py); with packing "
                 "it skips the masked blocks SDPA computes. Training only (bf16/fp16 on a GPU; the CPU runs "
-                "one SDPA call per example); generation uses SDPA.", resume_safe=True)
+                "one SDPA call per example); generation uses SDPA. flex: the same over torch's compiled flex "
+                "attention, for what flash cannot compute (Gemma-2's soft-capped logits); generation uses "
+                "eager.", resume_safe=True)
     shard: bool = key(
         False, "Under torchrun, shard the 4-bit base over the ranks with PyTorch FSDP (qlora/shard.py), "
                "instead of a whole model per rank: a model too large for one GPU. The adapters and their "
@@ -142,8 +144,8 @@ class DataConfig:
                                "per example and attention never crosses examples.", resume_safe=True)
     pack_length: int | None = key(
         None, "Tokens per packed row, one row per micro-batch (null: train.batch_size x max_length, the "
-              "tokens of one unpacked micro-batch). Pair packing with model.attn_implementation=varlen: SDPA "
-              "computes a packed row's block-diagonal attention densely.", resume_safe=True,
+              "tokens of one unpacked micro-batch). Pair packing with model.attn_implementation=varlen (or "
+              "flex): SDPA computes a packed row's block-diagonal attention densely.", resume_safe=True,
         lowers_peak="lower (with data.packing)")
     pack_rows_multiple: int = key(
         1, "With packing on N GPUs: make each step's packed rows a multiple of this many and spread the examples "

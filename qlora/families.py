@@ -64,8 +64,9 @@ FAMILIES = {
 class LeverLimit:
     key: str
     """A model.* config key."""
-    refused: tuple[Any, ...]
-    """Its values the architecture rules out."""
+    instead: dict[Any, Any]
+    """Its values the architecture rules out, each with the nearest value it allows (bench/compare_trl.py
+    runs that one where a lever would set a refused value)."""
     applies: Any
     """(the model's config.json as an object) -> whether the architecture is one of those."""
     reason: str
@@ -73,11 +74,12 @@ class LeverLimit:
 
 LEVER_LIMITS = (
     # transformers' SDPA path drops the `softcap` argument without a word; torch's flash varlen kernel
-    # has none: both would train a Gemma-2 with other attention than it was pretrained with
-    LeverLimit("attn_implementation", ("sdpa", "varlen"),
+    # has none: both would train a Gemma-2 with other attention than it was pretrained with. Eager is
+    # SDPA's dense computation with the cap, flex varlen's bounded one (qlora/attention.py).
+    LeverLimit("attn_implementation", {"sdpa": "eager", "varlen": "flex"},
                lambda c: getattr(c, "attn_logit_softcapping", None) is not None,
-               "the model soft-caps its attention logits (Gemma-2), which only eager attention does here: "
-               "set model.attn_implementation=eager"),
+               "the model soft-caps its attention logits (Gemma-2), which eager and flex attention do here: "
+               "set model.attn_implementation=flex (or eager)"),
 )
 
 
@@ -92,6 +94,6 @@ def refusals(cfg: ModelConfig, hf_config: Any) -> list[str]:
                         f"tower beside the decoder); this tool trains text decoders: use a text-only model")
     for limit in LEVER_LIMITS:
         value = getattr(cfg, limit.key)
-        if value in limit.refused and limit.applies(hf_config):
+        if value in limit.instead and limit.applies(hf_config):
             problems.append(f"model.{limit.key}={value}: {limit.reason}")
     return problems

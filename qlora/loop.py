@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from qlora.attention import VARLEN, sequence_bounds
+from qlora.attention import BOUNDED, sequence_bounds
 from qlora.batching import DataOrder
 from qlora.checkpoint import CHECKPOINTS, Start, save_checkpoint, trainable_weights, trained_state
 from qlora.config import Config, TrainConfig, peak_lowering_hints
@@ -101,7 +101,7 @@ def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], pre
     for name in ("attention_mask", "position_ids"):  # padded rows have the one, packed rows the other
         if name in batch:
             kwargs[name] = to_device(batch[name], device)
-    if unwrap(model).config._attn_implementation == VARLEN:
+    if unwrap(model).config._attn_implementation in BOUNDED:
         # sequence boundaries computed here on the CPU, so the 32 layers x 3 passes need no sync
         kwargs.update({k: to_device(v, device) if torch.is_tensor(v) else v
                        for k, v in sequence_bounds(batch).items()})

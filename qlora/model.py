@@ -18,8 +18,8 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from qlora.attention import VARLEN
-from qlora.attention import register as register_varlen
+from qlora.attention import BOUNDED, INFERENCE
+from qlora.attention import register as register_attention
 from qlora.config import LoraConfig, ModelConfig
 from qlora.errors import UserError
 from qlora.families import refusals
@@ -124,10 +124,10 @@ def apply_levers(model: PeftModel, cfg: ModelConfig, precision: str) -> None:
 
 
 def prepare_attention(cfg: ModelConfig) -> None:
-    """Make "varlen" known to transformers, and pick whether SDPA may use cuDNN (process-wide:
-    every later SDPA call follows it)."""
-    if cfg.attn_implementation == VARLEN:
-        register_varlen()
+    """Make "varlen" and "flex" known to transformers, and pick whether SDPA may use cuDNN
+    (process-wide: every later SDPA call follows it)."""
+    if cfg.attn_implementation in BOUNDED:
+        register_attention()
     torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)
 
 
@@ -226,8 +226,8 @@ def load_for_inference(cfg: ModelConfig, precision: str, device: torch.device, s
     """The base model as in training, with the saved adapter applied (or none), in eval mode."""
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise UserError(f"no adapter in {adapter} (expected adapter_config.json, e.g. RUN/final)")
-    # varlen attention knows no left padding: generation runs on SDPA (the weights are the same)
-    inference = cfg if cfg.attn_implementation != VARLEN else dataclasses.replace(cfg, attn_implementation="sdpa")
+    # varlen and flex attention know no left padding: generation runs on SDPA or eager (the weights are the same)
+    inference = dataclasses.replace(cfg, attn_implementation=INFERENCE.get(cfg.attn_implementation, cfg.attn_implementation))
     model = load_base_model(inference, precision, device, seed, quantized)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)

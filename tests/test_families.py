@@ -26,11 +26,13 @@ from tests.conftest import DEV_FILE, FIXTURE, REFERENCE, ROOT, TINY_YAML, assert
 
 TEMPLATE_KWARGS = {"llama3.2": {"date_string": "26 Jul 2024"},  # else today's date is in every prompt
                    "qwen3": {"enable_thinking": False}}
-ATTENTION = {"gemma2": "eager"}
+ATTENTION = {"gemma2": "flex"}
+"""What each family trains with here: Gemma-2's soft-capped logits rule out SDPA and varlen (qlora/families.py)."""
+DENSE = {"gemma2": "eager"}
 END_OF_TURN = {"llama3": "<|eot_id|>", "llama3.2": "<|eot_id|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>",
                "mistral": "</s>", "gemma2": "<end_of_turn>", "gemma3": "<end_of_turn>"}
 """The toy llama3.2 tokenizer is a base model's (EOS <|end_of_text|>), Gemma's EOS is <eos>: there
-the end of turn can only come from the template."""  # soft-capped attention logits: eager only (qlora/families.py)
+the end of turn can only come from the template."""
 CPU = torch.device("cpu")
 
 
@@ -148,22 +150,25 @@ def loss_and_grads(families, name, batch, cache, attn, logits_only=True, precisi
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_each_lever_keeps_the_loss_and_gradient_or_is_refused(families, name, tmp_path):
-    """Rows longer than the toy sliding windows (48 tokens): packed rows under varlen attention
-    (the window honoured per example), logits at supervised positions only (Gemma-2's final
-    soft-capping applied), fewer recomputed layers, a dequantized layer, compiled layers (each
-    family's own decoder layer); bf16 norms within bf16 rounding."""
+    """Rows longer than the toy sliding windows (48 tokens): packed rows under varlen and flex
+    attention (the window honoured per example; Gemma-2's soft-cap kept by flex, varlen refused),
+    logits at supervised positions only (Gemma-2's final soft-capping applied), fewer recomputed
+    layers, a dequantized layer, compiled layers (each family's own decoder layer); bf16 norms
+    within bf16 rounding. The reference: padded rows under dense attention."""
     prompter = prompter_of(families, name)
     rows = [r for r in (encode_example(e, prompter, 320) for e in load_examples(str(FIXTURE))[:3]) if r]
     assert min(len(r.input_ids) for r in rows) > 48
     padded, packed = collate(rows, prompter.tokenizer.pad_token_id), collate_packed(rows)
-    attn = ATTENTION.get(name, "sdpa")
+    attn = DENSE.get(name, "sdpa")
     reference = loss_and_grads(families, name, padded, tmp_path, attn, logits_only=False)
-    variants = [(packed, attn, {}), (padded, attn, {"recompute_layers": 0}), (padded, attn, {"dequantized_layers": 1})]
+    variants = [(packed, attn, {}), (padded, attn, {"recompute_layers": 0}), (padded, attn, {"dequantized_layers": 1}),
+                (packed, "flex", {}), (padded, "flex", {})]
     if FAMILIES[name].model_type != "llama":  # Llama's compiled layer: tests/test_loop.py
         variants.append((packed, attn, {"compile_layers": True}))
-    if attn == "eager":
-        with pytest.raises(UserError, match="soft-caps its attention logits"):
-            loss_and_grads(families, name, packed, tmp_path, "varlen")
+    if name in DENSE:
+        for refused in ("varlen", "sdpa"):
+            with pytest.raises(UserError, match="soft-caps its attention logits.*flex"):
+                loss_and_grads(families, name, packed, tmp_path, refused)
     else:
         variants.append((packed, "varlen", {}))
     for batch, variant_attn, kwargs in variants:

@@ -140,7 +140,7 @@ def test_no_plan_fits_names_the_smallest_budget_and_eager_attention_is_not_plann
                                          r"data.max_length lower, train.batch_size lower"):  # the config's own levers are on
         plan_for(2)
     with pytest.raises(UserError, match="does not price eager attention"):
-        plan_for(13, path=ROOT / "configs" / "gemma2-9b-korquad.yaml")
+        plan_for(13, "model.attn_implementation=eager", path=ROOT / "configs" / "gemma2-9b-korquad.yaml")
 
 
 def test_explicit_recompute_settings_win_and_the_run_says_so(tmp_path, capsys):
@@ -210,7 +210,8 @@ def test_auto_plans_for_this_ranks_free_gpu_memory_less_a_margin(monkeypatch):
 
 
 def test_auto_goes_on_unplanned_where_a_number_is_refused():
-    cfg, gemma = load_config(LLAMA2), load_config(ROOT / "configs" / "gemma2-9b-korquad.yaml")
+    cfg = load_config(LLAMA2)
+    gemma = load_config(ROOT / "configs" / "gemma2-9b-korquad.yaml", ["model.attn_implementation=eager"])
     arch = read_architecture(cfg.model)
     nothing = choose(cfg, arch, 2048, set(), Budget(-0.5, automatic=True))  # under 1 GiB was free
     assert nothing.chosen is None and "nothing fits the free GPU memory" in nothing.reason
