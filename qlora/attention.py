@@ -37,6 +37,10 @@ INFERENCE = {VARLEN: "sdpa", FLEX: "eager"}
 """What generation runs instead (left padding): the same attention as a dense mask, soft-cap kept."""
 BLOCK = 128
 """Flex's block of queries and keys (its default)."""
+FLEX_LENGTH = 8192
+"""The stream length flex attention is compiled for (longer ones: the next power of two). One kernel
+for every micro-batch of the shipped configs (up to 4 x 2,048 tokens): compiling one for a new length
+takes seconds (H200), and the padding costs one block each (padded_length)."""
 _VARLEN_ACCEPTS = frozenset(inspect.signature(varlen_attn).parameters)  # read once, outside any compiled code
 
 
@@ -115,12 +119,13 @@ _compiled_flex = torch.compile(flex_attention, dynamic=False)
 @torch.compiler.disable  # a graph break in a compiled decoder layer: flex is compiled on its own, shapes fixed
 def flex_stream(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int,
                 scale: float | None, window: int | None, softcap: float | None,
-                flex: Callable[..., torch.Tensor] = _compiled_flex) -> torch.Tensor:
-    """Flex attention over one stream [N, H, D], zero-padded to `padded_length(N)` so that a few
-    compiled kernels serve every row length; the padding is a sequence of its own, sliced off.
-    `flex`: the compiled function (tests pass the uncompiled one: the CPU has no compiled backward)."""
+                flex: Callable[..., torch.Tensor] = _compiled_flex, shortest: int = FLEX_LENGTH) -> torch.Tensor:
+    """Flex attention over one stream [N, H, D], zero-padded to `padded_length(N)` so that one
+    compiled kernel serves every micro-batch; the padding is sliced off.
+    `flex`: the compiled function; tests pass the uncompiled one (the CPU has no compiled backward)
+    and a `shortest` padded length of their own (the uncompiled one computes every block)."""
     n = q.shape[0]
-    size = padded_length(n)
+    size = padded_length(n, shortest)
     mask = block_mask(cu, size, window if window is not None and window < longest else None)
     q, k, v = (F.pad(t, (0, 0, 0, 0, 0, size - n)).transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     out = flex(q, k, v, score_mod=soft_cap(softcap), block_mask=mask, scale=scale,
@@ -128,10 +133,10 @@ def flex_stream(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Ten
     return out[0].transpose(0, 1)[:n]
 
 
-def padded_length(n: int) -> int:
-    """The next power of two, at least flex's block (BLOCK tokens): packed rows of 4,096 tokens use one
-    or two kernels (a window's last row may be shorter)."""
-    return max(BLOCK, 1 << (n - 1).bit_length())
+def padded_length(n: int, shortest: int = FLEX_LENGTH) -> int:
+    """`shortest`, or the next power of two above it. Each padding token attends to itself only, so
+    the kernel reads one block per 128 of them (build_block_mask)."""
+    return max(shortest, 1 << (n - 1).bit_length())
 
 
 @functools.cache
@@ -164,7 +169,7 @@ def block_mask(cu: torch.Tensor, size: int, window: int | None) -> BlockMask:
 
 def build_block_mask(cu: torch.Tensor, size: int, window: int | None) -> BlockMask:
     """Causal within each sequence (and within the window): token i's sequence is the number of
-    sequence ends at or before i; the padding past cu[-1] counts as one more sequence.
+    sequence ends at or before i; each padding token past cu[-1] is a sequence of its own.
 
     The kernel needs, per block of 128 queries, the key blocks it must read: "full" ones (every
     pair allowed) and partial ones (the kernel applies `allowed` there). create_block_mask finds
@@ -172,13 +177,14 @@ def build_block_mask(cu: torch.Tensor, size: int, window: int | None) -> BlockMa
     tokens, which would stay in the GPU allocator's reserve); sequences being contiguous ranges,
     block bounds give the same answer from [blocks, blocks] tensors (tests/test_attention.py)."""
     positions = torch.arange(size, device=cu.device)
-    sequence = torch.searchsorted(cu[1:].to(positions.dtype), positions, right=True)
+    sequence = (torch.searchsorted(cu[1:].to(positions.dtype), positions, right=True)
+                + (positions - cu[-1]).clamp(min=0))  # ids only grow: blocks hold ranges of them
 
     def allowed(b: Any, h: Any, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         keep = (sequence[q] == sequence[kv]) & (q >= kv)
         return keep if window is None else keep & (q - kv < window)
 
-    ends = sequence.view(-1, BLOCK)[:, [0, -1]]  # first and last sequence of each block (ids only grow)
+    ends = sequence.view(-1, BLOCK)[:, [0, -1]]  # first and last sequence of each block
     q_first, q_last = ends[:, None, 0], ends[:, None, 1]
     kv_first, kv_last = ends[None, :, 0], ends[None, :, 1]
     q_block = torch.arange(ends.shape[0], device=cu.device)[:, None]

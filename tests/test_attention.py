@@ -19,12 +19,16 @@ def random_bounds(generator: torch.Generator, n: int) -> torch.Tensor:
 
 
 def dense_block_mask(cu: torch.Tensor, size: int, window: int | None):
-    """torch's create_block_mask over the same rule, evaluated token by token."""
+    """torch's create_block_mask, token by token: causal within a sequence and the window; a padding
+    token (past cu[-1]) sees itself only."""
     sequence = torch.searchsorted(cu[1:].long(), torch.arange(size), right=True)
+    real = torch.arange(size) < cu[-1]
 
     def allowed(b, h, q, kv):
-        keep = (sequence[q] == sequence[kv]) & (q >= kv)
-        return keep if window is None else keep & (q - kv < window)
+        keep = real[q] & real[kv] & (sequence[q] == sequence[kv]) & (q >= kv)
+        if window is not None:
+            keep = keep & (q - kv < window)
+        return keep | (q == kv)
 
     return create_block_mask(allowed, None, None, size, size, device="cpu")
 
@@ -62,13 +66,39 @@ def test_flex_forward_is_eager_attention_per_sequence(n, cuts, window, cap):
     cu = torch.tensor([0, *cuts, n], dtype=torch.int32)
     longest = int((cu[1:] - cu[:-1]).max())
     with torch.no_grad():
-        out = flex_stream(q, k, v, cu, longest, 0.2, window, cap, flex=flex_attention)
+        out = flex_stream(q, k, v, cu, longest, 0.2, window, cap, flex=flex_attention, shortest=128)
         expected = torch.cat([causal_attention(q[s:e], k[s:e], v[s:e], 0.2, window, cap)
                               for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())])
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_rows_are_padded_to_a_power_of_two_blocks():
-    """Few lengths, so that few flex kernels are compiled: packed rows of 8,192 tokens need one, a
-    window's shorter last row one or two more."""
-    assert [padded_length(n) for n in (1, 128, 129, 4000, 4096, 8191, 8192)] == [128, 128, 256, 4096, 4096, 8192, 8192]
+def test_streams_are_padded_to_one_length_up_to_8192_tokens():
+    """One compiled flex kernel for every micro-batch of the shipped configs (rows of up to 4 x 2,048
+    tokens), a power of two beyond."""
+    assert [padded_length(n) for n in (1, 129, 4000, 8192, 8193, 20000)] == [8192] * 4 + [16384, 32768]
+    assert [padded_length(n, shortest=128) for n in (1, 128, 129, 1000)] == [128, 128, 256, 1024]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex's compiled kernels need a GPU")
+@pytest.mark.parametrize(("dtype", "dim", "tolerance"), [(torch.float32, 16, 1e-4), (torch.bfloat16, 256, 2e-2)])
+def test_compiled_flex_keeps_the_output_and_gradients_on_the_gpu(dtype, dim, tolerance):
+    """The compiled kernels, forward and backward, against fp32 eager attention per sequence: Gemma-2's
+    shape in bf16 (head size 256, 16 query heads over 8 key/value heads, its soft-cap), and a small one
+    in fp32. Skipped in CI (no GPU)."""
+    generator = torch.Generator().manual_seed(dim)
+    n, heads = 1000, (16, 8, 8) if dim == 256 else (4, 2, 2)
+    inputs = [torch.randn(n, h, dim, generator=generator).cuda() for h in heads]
+    cu = torch.tensor([0, 300, 301, 700, n], dtype=torch.int32, device="cuda")
+    grad_out = torch.randn(n, heads[0], dim, generator=generator).cuda()
+
+    def run(attention, cast):
+        q, k, v = (t.to(cast).requires_grad_() for t in inputs)
+        out = attention(q, k, v)
+        out.backward(grad_out.to(cast))
+        return [t.float() for t in (out, q.grad, k.grad, v.grad)]
+
+    flex = run(lambda q, k, v: flex_stream(q, k, v, cu, 400, dim ** -0.5, None, 50.0), dtype)  # padded to 8,192
+    eager = run(lambda q, k, v: torch.cat([causal_attention(q[s:e], k[s:e], v[s:e], dim ** -0.5, None, 50.0)
+                                           for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]), torch.float32)
+    for ours, expected in zip(flex, eager):
+        torch.testing.assert_close(ours, expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
