@@ -98,15 +98,18 @@ def test_each_lever_moves_the_estimate_the_way_it_moves_memory():
     assert estimate_for_config(*kept8, seq)["total"] - inputs["total"] == 20 * 4 * 2048 * 4096 * 4
 
 
-FAMILY_RUNS = sorted((ROOT / "bench" / "results" / "2026-11-28-session5-h200").glob("ours_*_extractive_2048.json"))
-assert len(FAMILY_RUNS) >= 4, "the family runs' result files moved"
+FAMILY_RUNS = [p for p in sorted((ROOT / "bench" / "results" / "2026-11-28-session5-h200").glob("ours_*_extractive_2048.json"))
+               if "gemma2" not in p.name]  # that one ran eager attention, whose scores the estimate does not price
+FAMILY_RUNS.append(ROOT / "bench" / "results" / "2026-11-29-session14-h200" / "call-c" / "ours" /
+                   "ours_gemma2-9b_extractive_2048.json")
+assert len(FAMILY_RUNS) >= 4 and FAMILY_RUNS[-1].is_file(), "the family runs' result files moved"
 
 
-@pytest.mark.parametrize("path", [p for p in FAMILY_RUNS if "gemma2" not in p.name], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", FAMILY_RUNS, ids=lambda p: p.stem)
 def test_estimate_with_compute_dtype_norms_is_above_and_near_the_measured_peak(path):
-    """The family runs of bench/compare_trl.py (bf16 norms, packed rows of 8,192 tokens, varlen,
-    compiled layers; one H200): the estimate stays on the safe side, at most 6% above. Gemma-2's
-    eager attention scores are not in the estimate (README)."""
+    """The family runs of bench/compare_trl.py (bf16 norms, packed rows of 8,192 tokens, varlen or,
+    for Gemma-2, flex attention, compiled layers; one H200): the estimate stays on the safe side, at
+    most 6% above (Gemma-2: 7.2%, so 8%)."""
     import bench.compare_trl as bench
 
     result = json.loads(path.read_text())
@@ -115,7 +118,7 @@ def test_estimate_with_compute_dtype_norms_is_above_and_near_the_measured_peak(p
     assert not cfg.model.upcast_non_quantized and cfg.data.packing and cfg.model.compile_layers
     estimate = estimate_for_config(cfg, read_architecture(cfg.model), seq=cfg.data.max_length)["total"] / GIB
     measured = result["results"][0]["peak_allocated_gib"]
-    assert measured < estimate < 1.06 * measured
+    assert measured < estimate < (1.08 if "gemma2" in path.name else 1.06) * measured
 
 
 OFFLOAD_RUNS = [ROOT / "bench" / "results" / "2026-11-29-session13-h200" / run / "ours_mistral-7b_extractive_2048.json"
