@@ -26,6 +26,7 @@ configs/tiny.yaml: a check that the script works, not a measurement.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -46,7 +47,7 @@ from qlora.config import Config, load_config  # noqa: E402
 from qlora.data import IGNORE, prepare_data  # noqa: E402
 from qlora.loop import StepSettings, micro_batch_loss, train_step  # noqa: E402
 from qlora.memory import GIB, MemoryMeter, step_peak_gib  # noqa: E402
-from qlora.families import LEVER_LIMITS  # noqa: E402
+from qlora.families import LEVER_LIMITS, nearest_allowed  # noqa: E402
 from qlora.model import apply_levers, build_model, load_base_model, load_tokenizer, read_architecture, resolve_device  # noqa: E402
 from qlora.optim import build_training_state  # noqa: E402
 from qlora.plan import Budget, choose  # noqa: E402
@@ -80,10 +81,7 @@ def job_config(config: str, shape: str, overrides: list[str], added: list[str] =
     architecture rules out (qlora/families.py) becomes the nearest one it allows: for Gemma-2, TRL's
     side and our plain variant run eager attention (as TRL's docs advise for it), the varlen lever flex."""
     cfg = load_config(config, [*JOB, *SHAPES[shape], *overrides, *added])
-    architecture = read_architecture(cfg.model)
-    instead = [f"model.{limit.key}={limit.instead[getattr(cfg.model, limit.key)]}" for limit in LEVER_LIMITS
-               if limit.applies(architecture) and getattr(cfg.model, limit.key) in limit.instead]
-    return load_config(config, [*JOB, *SHAPES[shape], *overrides, *added, *instead]) if instead else cfg
+    return dataclasses.replace(cfg, model=nearest_allowed(cfg.model, read_architecture(cfg.model)))
 
 
 def setup(config: str, shape: str, overrides: list[str], added: list[str] = ()) -> tuple[Config, Any, Any, torch.device]:
@@ -144,6 +142,15 @@ def levers_for(cfg: Config) -> list[tuple[str, list[str]]]:
                      if cfg.model.recompute_layers is not None else [])
 
 
+def ran_instead(change: list[str], variant: Config) -> str:
+    """A lever's note where the model ruled its value out and job_config ran the nearest allowed."""
+    limited = {limit.key for limit in LEVER_LIMITS}
+    swapped = [f"model.{key}={getattr(variant.model, key)}" for key, value in
+               (c.removeprefix("model.").split("=", 1) for c in change if c.startswith("model."))
+               if key in limited and str(getattr(variant.model, key)) != value]
+    return f" (ran {', '.join(swapped)}: the nearest this model allows)" if swapped else ""
+
+
 def with_every_lever(config: str, shape: str, overrides: list[str]) -> Config:
     """The config of `ours --only-last` (without --budget): every lever on."""
     cfg = job_config(config, shape, overrides)
@@ -157,8 +164,9 @@ def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_las
     variants, added = [], []
     for name, change in levers:
         added += change
-        variants.append((name if not skip else f"{name} (without {', '.join(skip)})",
-                         job_config(config, shape, overrides, added)))
+        variant = job_config(config, shape, overrides, added)
+        variants.append((name + ran_instead(change, variant) + (f" (without {', '.join(skip)})" if skip else ""),
+                         variant))
     if budget is not None:  # train.memory_budget_gib's plan for the last variant, every planned key left to it
         last = variants[-1][1]
         choice = choose(last, read_architecture(last.model), data.longest, set(), Budget(budget, False),

@@ -12,8 +12,9 @@ as `cu_seq_lens_q` / `max_length_q`.
 
 Right-padded (unpacked) rows work too: each row is one sequence, and under a causal mask no real
 token sees the padding after it. Left padding (generation) does not: evaluation loads the model
-with SDPA (varlen) or eager attention (flex), the same function without the boundaries.
-The CPU has neither kernel (flex has no backward there): it runs the same sequences one at a time.
+with SDPA (eager where the model rules SDPA out: Gemma-2), the same function over a dense mask.
+The CPU has neither kernel (flex has no backward there): it runs the same sequences one at a time,
+with SDPA or, soft-capped, eagerly.
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ VARLEN = "varlen"
 FLEX = "flex"
 BOUNDED = (VARLEN, FLEX)
 """The implementations that read the batch's sequence bounds."""
-INFERENCE = {VARLEN: "sdpa", FLEX: "eager"}
-"""What generation runs instead (left padding): the same attention as a dense mask, soft-cap kept."""
+INFERENCE = {VARLEN: "sdpa", FLEX: "sdpa"}
+"""What generation runs instead (left padding): the same attention with a dense mask (where the
+model rules SDPA out, the nearest it allows: qlora/families.py, eager for Gemma-2)."""
 BLOCK = 128
 """Flex's block of queries and keys (its default)."""
-FLEX_LENGTH = 8192
-"""The stream length flex attention is compiled for (longer ones: the next power of two). One kernel
-for every micro-batch of the shipped configs (up to 4 x 2,048 tokens): compiling one for a new length
-takes seconds (H200), and the padding costs one block each (padded_length)."""
+SMALL_BACKWARD = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 32, "bwd_BLOCK_M2": 32, "bwd_BLOCK_N2": 32,
+                  "bwd_num_stages": 2, "bwd_num_warps": 4}
+"""Flex's backward blocks where its default ones do not fit (flex_kernel_options)."""
 _VARLEN_ACCEPTS = frozenset(inspect.signature(varlen_attn).parameters)  # read once, outside any compiled code
 
 
@@ -53,22 +54,26 @@ def sequence_bounds(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     starts = (positions.flatten() == 0).nonzero().squeeze(1)
     cu = torch.cat([starts, torch.tensor([rows * width])]).to(torch.int32)
     longest = int((cu[1:] - cu[:-1]).max())
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
+            "stream_capacity": batch.get("stream_capacity")}
 
 
 def bounded_attention(kernel: Callable[..., torch.Tensor]) -> Callable[..., tuple[torch.Tensor, None]]:
-    """transformers' attention signature around `kernel(q, k, v, cu, longest, scale, window, softcap)`,
-    which takes one stream of tokens [N, H, D] (H: query heads; K and V may have fewer)."""
+    """transformers' attention signature around `kernel(q, k, v, cu, longest, scale, window, softcap,
+    capacity)`, which takes one stream of tokens [N, H, D] (H: query heads; K and V may have fewer)
+    and a window only where it is shorter than the longest sequence."""
 
     def forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                 cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
                 sliding_window: int | None = None, softcap: float | None = None,
-                **kwargs: Any) -> tuple[torch.Tensor, None]:
+                stream_capacity: int | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
         """q, k, v as [B, H, T, D]; returns [B, T, H, D]. A layer's `sliding_window` (Mistral-v0.1,
-        Gemma's local layers) limits each token to that many latest tokens, itself included."""
+        Gemma's local layers) limits each token to that many latest tokens, itself included.
+        `stream_capacity`: the most tokens a micro-batch of this run holds (sequence_bounds)."""
         if cu_seq_lens_q is None:
             raise RuntimeError("this attention needs the batch's sequence bounds (qlora.attention.sequence_bounds)")
+        window = sliding_window if sliding_window is not None and sliding_window < max_length_q else None
         rows, heads, width, dim = query.shape
         if query.dtype == torch.float32 and torch.is_autocast_enabled(query.device.type):
             # fp32 norms (model.upcast_non_quantized) hand us fp32 q/k/v. Autocast runs SDPA in the
@@ -78,28 +83,27 @@ def bounded_attention(kernel: Callable[..., torch.Tensor]) -> Callable[..., tupl
         # [B, H, T, D] -> [B*T, H, D]: one stream of tokens, sequences delimited by cu_seq_lens_q
         q, k, v = (t.transpose(1, 2).reshape(rows * width, t.shape[1], dim) for t in (query, key, value))
         if q.is_cuda:
-            out = kernel(q, k, v, cu_seq_lens_q, max_length_q, scaling, sliding_window, softcap)
-        else:  # no kernel on the CPU: the same sequences, one causal attention call each
-            out = torch.cat([causal_attention(q[s:e], k[s:e], v[s:e], scaling, sliding_window, softcap)
-                             for s, e in zip(cu_seq_lens_q[:-1].tolist(), cu_seq_lens_q[1:].tolist())])
+            out = kernel(q, k, v, cu_seq_lens_q, max_length_q, scaling, window, softcap, stream_capacity)
+        else:  # no kernel on the CPU (flex: no backward there)
+            out = per_sequence(q, k, v, cu_seq_lens_q, scaling, window, softcap)
         return out.view(rows, width, heads, dim), None
 
     return forward
 
 
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int,
-                 scale: float | None, window: int | None, softcap: float | None) -> torch.Tensor:
+                 scale: float | None, window: int | None, softcap: float | None,
+                 capacity: int | None = None) -> torch.Tensor:
     if softcap is not None:  # the model phase refuses varlen for such a model before it loads (qlora/families.py)
         raise RuntimeError("varlen attention has no logit soft-capping")
     # torch 2.9 spelled causality `is_causal=True` and had no `scale` (its default, 1/sqrt(D), is
     # Llama's) nor windows; later releases spell causality as a window of (before, after) tokens.
-    limited = window is not None and window < longest
     if "is_causal" in _VARLEN_ACCEPTS:
-        if limited:
+        if window is not None:
             raise RuntimeError("this torch's varlen_attn has no sliding window; use model.attn_implementation=sdpa")
         kwargs: dict[str, Any] = {"is_causal": True}
     else:
-        kwargs = {"window_size": (window - 1 if limited else -1, 0)}
+        kwargs = {"window_size": (window - 1 if window is not None else -1, 0)}
     if "scale" in _VARLEN_ACCEPTS:
         kwargs["scale"] = scale
     elif scale is not None and abs(scale * q.shape[-1] ** 0.5 - 1) > 1e-6:
@@ -112,31 +116,54 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Te
     return varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
 
 
-# Shapes are fixed (dynamic=False): flex's kernels are generated for each padded length (padded_length).
-_compiled_flex = torch.compile(flex_attention, dynamic=False)
+@functools.cache
+def compiled_flex() -> Callable[..., torch.Tensor]:
+    """flex_attention compiled for fixed shapes (padded_length makes them few). Built on first use:
+    torch.compile at import would add a second to every command."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
 @torch.compiler.disable  # a graph break in a compiled decoder layer: flex is compiled on its own, shapes fixed
 def flex_stream(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int,
-                scale: float | None, window: int | None, softcap: float | None,
-                flex: Callable[..., torch.Tensor] = _compiled_flex, shortest: int = FLEX_LENGTH) -> torch.Tensor:
-    """Flex attention over one stream [N, H, D], zero-padded to `padded_length(N)` so that one
-    compiled kernel serves every micro-batch; the padding is sliced off.
-    `flex`: the compiled function; tests pass the uncompiled one (the CPU has no compiled backward)
-    and a `shortest` padded length of their own (the uncompiled one computes every block)."""
+                scale: float | None, window: int | None, softcap: float | None, capacity: int | None = None,
+                flex: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """Flex attention over one stream [N, H, D], zero-padded to `padded_length(N, capacity)` so that
+    one compiled kernel serves every micro-batch of a run; the padding is sliced off. `flex`: the
+    compiled function by default; tests pass the uncompiled one (the CPU has no compiled backward)."""
     n = q.shape[0]
-    size = padded_length(n, shortest)
-    mask = block_mask(cu, size, window if window is not None and window < longest else None)
+    size = padded_length(n, capacity)
+    mask = block_mask(cu, size, window)
+    options = flex_kernel_options(q.shape[-1], shared_memory(q.device)) if flex is None else None
     q, k, v = (F.pad(t, (0, 0, 0, 0, 0, size - n)).transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    out = flex(q, k, v, score_mod=soft_cap(softcap), block_mask=mask, scale=scale,
-               enable_gqa=k.shape[1] != q.shape[1])
+    out = (flex or compiled_flex())(q, k, v, score_mod=soft_cap(softcap), block_mask=mask, scale=scale,
+                                    enable_gqa=k.shape[1] != q.shape[1], kernel_options=options)
     return out[0].transpose(0, 1)[:n]
 
 
-def padded_length(n: int, shortest: int = FLEX_LENGTH) -> int:
-    """`shortest`, or the next power of two above it. Each padding token attends to itself only, so
-    the kernel reads one block per 128 of them (build_block_mask)."""
-    return max(shortest, 1 << (n - 1).bit_length())
+def flex_kernel_options(head_dim: int, shared_memory_per_block: int) -> dict[str, int] | None:
+    """None (flex's own choice), or SMALL_BACKWARD where its default backward blocks for head sizes
+    above 128 (Gemma-2's 256) need more shared memory than the GPU gives a block: 112 KiB, against
+    99 KiB on the RTX 3090/4090/5080 class (sm_86/89/120), where that backward then fails to compile
+    (pytorch/pytorch#198224, whose sweep found 32 x 32 blocks in 2 stages the fastest that fit on
+    sm_121). The H100/H200 give 227 KiB: measured with flex's own choice, and with SMALL_BACKWARD
+    forced (tests/test_attention.py), not on such a card."""
+    return SMALL_BACKWARD if head_dim > 128 and shared_memory_per_block < 112 * 1024 else None
+
+
+@functools.cache
+def shared_memory(device: torch.device) -> int:
+    """The most shared memory a kernel's block may opt into on this GPU, in bytes."""
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def padded_length(n: int, capacity: int | None) -> int:
+    """The run's micro-batch capacity in whole blocks: one kernel compiled a run (a new length costs
+    seconds of compiling, H200), and no more memory than the estimate prices, which counts every
+    micro-batch at that capacity. Longer (or with no capacity known): the next power of two. Each
+    padding token attends to itself only, so the kernel reads one block per BLOCK of them."""
+    if capacity is not None and n <= capacity:
+        return -(-capacity // BLOCK) * BLOCK
+    return max(BLOCK, 1 << (n - 1).bit_length())
 
 
 @functools.cache
@@ -145,7 +172,7 @@ def soft_cap(cap: float | None) -> Callable[..., torch.Tensor] | None:
     if cap is None:
         return None
 
-    def capped(score: torch.Tensor, b: Any, h: Any, q: Any, kv: Any) -> torch.Tensor:
+    def capped(score: torch.Tensor, b: Any = None, h: Any = None, q: Any = None, kv: Any = None) -> torch.Tensor:
         return cap * torch.tanh(score / cap)
 
     return capped
@@ -205,6 +232,13 @@ def kv_blocks(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return chosen.sum(1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
 
 
+def per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float | None,
+                 window: int | None, softcap: float | None) -> torch.Tensor:
+    """The kernels' result computed one sequence at a time: the CPU's path, and the tests' reference."""
+    return torch.cat([causal_attention(q[s:e], k[s:e], v[s:e], scale, window, softcap)
+                      for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())])
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
                      window: int | None, softcap: float | None) -> torch.Tensor:
     """One sequence, [n, H, D] in and out: SDPA, or with a soft-cap the eager computation
@@ -222,8 +256,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         return out.transpose(0, 1)
     groups = q.shape[0] // k.shape[0]
     k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
-    scores = q @ k.transpose(1, 2) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    scores = softcap * torch.tanh(scores / softcap)
+    scores = soft_cap(softcap)(q @ k.transpose(1, 2) * (scale if scale is not None else q.shape[-1] ** -0.5))
     if mask is None:
         mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~mask, float("-inf"))

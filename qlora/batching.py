@@ -87,7 +87,10 @@ class DataOrder:
 
     With `pack_to`, the examples of a step's window are packed into as few rows of at most
     `pack_to` tokens as fit, one row per micro-batch: the same examples per optimizer step (and the
-    same token-normalized gradient), no padding, fewer forward calls."""
+    same token-normalized gradient), no padding, fewer forward calls.
+
+    `capacity`: the most tokens any micro-batch of the run holds (pack_to, or batch_size rows of the
+    longest example), which flex attention pads every micro-batch to (qlora/attention.py)."""
 
     def __init__(self, rows: list[Encoded], batch_size: int, grad_accum: int, seed: int,
                  group_by_length: bool, pad_id: int, pack_to: int | None = None, rows_multiple: int = 1):
@@ -95,6 +98,7 @@ class DataOrder:
         self.seed, self.group_by_length = seed, group_by_length
         self.pad_id, self.pack_to, self.rows_multiple = pad_id, pack_to, rows_multiple
         self.lengths = [len(r.input_ids) for r in rows]
+        self.capacity = pack_to or batch_size * max(self.lengths, default=1)
         self.per_epoch = windows_per_epoch(len(rows), batch_size, grad_accum)
         self._cached: tuple[int, list[list[int]]] = (-1, [])
 
@@ -118,6 +122,7 @@ class DataOrder:
             collated = [collate_packed(group) for group in groups]
         for i, batch in enumerate(collated):
             batch["dropout_seed"] = (self.seed * 1_000_003 + step) * 1_009 + i
+            batch["stream_capacity"] = self.capacity
         return epoch, collated
 
 

@@ -99,9 +99,10 @@ class ModelConfig:
     attn_implementation: Literal["sdpa", "eager", "varlen", "flex"] = key(
         "sdpa", "varlen: flash attention over each example's own tokens (qlora/attention.py); with packing "
                 "it skips the masked blocks SDPA computes. Training only (bf16/fp16 on a GPU; the CPU runs "
-                "one SDPA call per example); generation uses SDPA. flex: the same over torch's compiled flex "
-                "attention, for what flash cannot compute (Gemma-2's soft-capped logits); generation uses "
-                "eager.", resume_safe=True)
+                "one SDPA call per example); generation uses SDPA. flex: the same through torch's compiled "
+                "flex attention, for what flash cannot compute (Gemma-2's soft-capped logits); any precision; "
+                "the CPU runs each example eagerly; generation uses SDPA, or eager for Gemma-2.",
+        resume_safe=True)
     shard: bool = key(
         False, "Under torchrun, shard the 4-bit base over the ranks with PyTorch FSDP (qlora/shard.py), "
                "instead of a whole model per rank: a model too large for one GPU. The adapters and their "
@@ -468,6 +469,8 @@ def check_values(cfg: Config) -> list[str]:
         (not m.offload_inputs or not m.recompute_reentrant,
          "model.offload_inputs: needs model.recompute_reentrant=false (the reentrant recompute saves its inputs itself)"),
         (not m.shard or not m.offload_inputs, "model.shard=true: needs model.offload_inputs=false (not tried under FSDP)"),
+        (not m.shard or m.attn_implementation != "flex",
+         "model.shard=true: needs model.attn_implementation other than flex (not tried under FSDP)"),
         (m.recompute_layers is None or m.offload_layers <= m.recompute_layers // 3,
          "model.offload_layers: at most a third of model.recompute_layers (each one's copies back overlap the "
          "layers between)"),

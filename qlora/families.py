@@ -3,17 +3,19 @@
 Most differences need no code: the tokenizer says whether it adds a BOS, the chat template says which
 token ends an answer (qlora/prompts.py), and the model's config.json gives grouped-query attention,
 tied embeddings, the vocabulary, soft-capping and sliding windows to transformers, the memory estimate
-(qlora/estimate.py) and varlen attention (qlora/attention.py). What is left is here:
+(qlora/estimate.py) and varlen and flex attention (qlora/attention.py). What is left is here:
 
 - FAMILIES: the families tested (CPU: a toy model of each family's real architecture class with a
   tokenizer of its layout and its real chat template, tests/test_families.py; GPU: the real shapes,
   configs/models/), with the hub names people fine-tune;
 - LEVER_LIMITS: a lever a model's architecture rules out, found from its config.json, refused before
-  the model loads with the reason (`refusals`, which also refuses image-and-text models).
+  the model loads with the reason (`refusals`, which also refuses image-and-text models), and the
+  nearest value it allows (`nearest_allowed`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,8 +67,7 @@ class LeverLimit:
     key: str
     """A model.* config key."""
     instead: dict[Any, Any]
-    """Its values the architecture rules out, each with the nearest value it allows (bench/compare_trl.py
-    runs that one where a lever would set a refused value)."""
+    """Its values the architecture rules out, each with the nearest value it allows (nearest_allowed)."""
     applies: Any
     """(the model's config.json as an object) -> whether the architecture is one of those."""
     reason: str
@@ -81,6 +82,15 @@ LEVER_LIMITS = (
                "the model soft-caps its attention logits (Gemma-2), which eager and flex attention do here: "
                "set model.attn_implementation=flex (or eager)"),
 )
+
+
+def nearest_allowed(cfg: ModelConfig, hf_config: Any) -> ModelConfig:
+    """`cfg` with each value the architecture rules out replaced by the nearest one it allows: what
+    generation runs in place of a training-only attention (qlora/model.py), and what bench/compare_trl.py
+    runs where a lever or TRL's side would set a refused value."""
+    changes = {limit.key: limit.instead[getattr(cfg, limit.key)] for limit in LEVER_LIMITS
+               if limit.applies(hf_config) and getattr(cfg, limit.key) in limit.instead}
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def refusals(cfg: ModelConfig, hf_config: Any) -> list[str]:

@@ -22,7 +22,7 @@ from qlora.attention import BOUNDED, INFERENCE
 from qlora.attention import register as register_attention
 from qlora.config import LoraConfig, ModelConfig
 from qlora.errors import UserError
-from qlora.families import refusals
+from qlora.families import nearest_allowed, refusals
 from qlora.offload import ActivationOffload, offloaded_layers
 from qlora.weights import cached_4bit_copy, cached_random_model
 
@@ -226,8 +226,12 @@ def load_for_inference(cfg: ModelConfig, precision: str, device: torch.device, s
     """The base model as in training, with the saved adapter applied (or none), in eval mode."""
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise UserError(f"no adapter in {adapter} (expected adapter_config.json, e.g. RUN/final)")
-    # varlen and flex attention know no left padding: generation runs on SDPA or eager (the weights are the same)
-    inference = dataclasses.replace(cfg, attn_implementation=INFERENCE.get(cfg.attn_implementation, cfg.attn_implementation))
+    # varlen and flex attention know no left padding: generation runs on SDPA, or the nearest the
+    # model allows (eager for Gemma-2's soft-cap); the weights are the same
+    inference = cfg
+    if cfg.attn_implementation in INFERENCE:
+        inference = nearest_allowed(dataclasses.replace(cfg, attn_implementation=INFERENCE[cfg.attn_implementation]),
+                                    read_architecture(cfg))
     model = load_base_model(inference, precision, device, seed, quantized)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from qlora.attention import build_block_mask, causal_attention, flex_stream, padded_length
+from qlora import attention
+from qlora.attention import (SMALL_BACKWARD, bounded_attention, build_block_mask, flex_kernel_options, flex_stream,
+                             padded_length, per_sequence)
 
 
 def random_bounds(generator: torch.Generator, n: int) -> torch.Tensor:
@@ -66,39 +68,64 @@ def test_flex_forward_is_eager_attention_per_sequence(n, cuts, window, cap):
     cu = torch.tensor([0, *cuts, n], dtype=torch.int32)
     longest = int((cu[1:] - cu[:-1]).max())
     with torch.no_grad():
-        out = flex_stream(q, k, v, cu, longest, 0.2, window, cap, flex=flex_attention, shortest=128)
-        expected = torch.cat([causal_attention(q[s:e], k[s:e], v[s:e], 0.2, window, cap)
-                              for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())])
+        out = flex_stream(q, k, v, cu, longest, 0.2, window, cap, capacity=None, flex=flex_attention)
+        expected = per_sequence(q, k, v, cu, 0.2, window, cap)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_streams_are_padded_to_one_length_up_to_8192_tokens():
-    """One compiled flex kernel for every micro-batch of the shipped configs (rows of up to 4 x 2,048
-    tokens), a power of two beyond."""
-    assert [padded_length(n) for n in (1, 129, 4000, 8192, 8193, 20000)] == [8192] * 4 + [16384, 32768]
-    assert [padded_length(n, shortest=128) for n in (1, 128, 129, 1000)] == [128, 128, 256, 1024]
+def test_a_new_batch_or_window_gets_its_own_block_mask():
+    """The masks are built once per micro-batch and window, for every layer and recompute of it: a
+    new batch of the same length, and another window of the same batch, must not reuse them."""
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(400, heads, 16, generator=generator) for heads in (4, 2, 2))
+    first, second = (torch.tensor(cu, dtype=torch.int32) for cu in ([0, 100, 400], [0, 250, 300, 400]))
+    with torch.no_grad():
+        for cu, window in ((first, None), (second, None), (second, 60), (second, None), (first, 60)):
+            out = flex_stream(q, k, v, cu, 300, 0.25, window, 50.0, capacity=512, flex=flex_attention)
+            torch.testing.assert_close(out, per_sequence(q, k, v, cu, 0.25, window, 50.0), rtol=1e-5, atol=1e-5)
+
+
+def test_streams_are_padded_to_the_runs_capacity():
+    """One compiled flex kernel for every micro-batch of a run: the capacity its batches carry
+    (qlora/batching.py) in whole blocks; beyond it, or unknown, a power of two."""
+    assert [padded_length(n, 8192) for n in (1, 129, 4000, 8192)] == [8192] * 4
+    assert [padded_length(n, 3000) for n in (1, 3000, 3001)] == [3072, 3072, 4096]
+    assert [padded_length(n, None) for n in (1, 128, 129, 1000)] == [128, 128, 256, 1024]
+
+
+def test_small_backward_blocks_where_the_default_ones_do_not_fit():
+    """Head sizes above 128 on a GPU with 99 KiB of shared memory a block (RTX 3090/4090/5080), not on
+    an H100/H200 (227 KiB), nor at head size 128."""
+    assert flex_kernel_options(256, 101376) == SMALL_BACKWARD
+    assert flex_kernel_options(256, 232448) is None and flex_kernel_options(128, 101376) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex's compiled kernels need a GPU")
-@pytest.mark.parametrize(("dtype", "dim", "tolerance"), [(torch.float32, 16, 1e-4), (torch.bfloat16, 256, 2e-2)])
-def test_compiled_flex_keeps_the_output_and_gradients_on_the_gpu(dtype, dim, tolerance):
-    """The compiled kernels, forward and backward, against fp32 eager attention per sequence: Gemma-2's
-    shape in bf16 (head size 256, 16 query heads over 8 key/value heads, its soft-cap), and a small one
-    in fp32. Skipped in CI (no GPU)."""
+@pytest.mark.parametrize(("autocast", "dim", "window", "small_gpu", "tolerance"),
+                         [(False, 16, None, False, 1e-4), (True, 256, None, False, 2e-2),
+                          (True, 256, 200, False, 2e-2), (True, 256, None, True, 2e-2)])
+def test_compiled_flex_keeps_the_output_and_gradients_on_the_gpu(autocast, dim, window, small_gpu, tolerance,
+                                                                 monkeypatch):
+    """The attention interface's flex function, compiled kernels forward and backward, against fp32
+    attention per sequence: fp32 at head size 16; Gemma-2's heads (256 wide, 16 query over 8
+    key/value) from fp32 inputs under bf16 autocast (fp32 norms hand flex fp32 q/k/v), with its
+    soft-cap, with a sliding window shorter than a sequence, and as on a GPU with 99 KiB of shared
+    memory a block (the RTX 5080 class: SMALL_BACKWARD). Skipped in CI (no GPU)."""
+    if small_gpu:
+        monkeypatch.setattr(attention, "shared_memory", lambda device: 99 * 1024)
     generator = torch.Generator().manual_seed(dim)
     n, heads = 1000, (16, 8, 8) if dim == 256 else (4, 2, 2)
-    inputs = [torch.randn(n, h, dim, generator=generator).cuda() for h in heads]
+    inputs = [torch.randn(1, h, n, dim, generator=generator).cuda() for h in heads]  # one packed row
     cu = torch.tensor([0, 300, 301, 700, n], dtype=torch.int32, device="cuda")
-    grad_out = torch.randn(n, heads[0], dim, generator=generator).cuda()
-
-    def run(attention, cast):
-        q, k, v = (t.to(cast).requires_grad_() for t in inputs)
-        out = attention(q, k, v)
-        out.backward(grad_out.to(cast))
-        return [t.float() for t in (out, q.grad, k.grad, v.grad)]
-
-    flex = run(lambda q, k, v: flex_stream(q, k, v, cu, 400, dim ** -0.5, None, 50.0), dtype)  # padded to 8,192
-    eager = run(lambda q, k, v: torch.cat([causal_attention(q[s:e], k[s:e], v[s:e], dim ** -0.5, None, 50.0)
-                                           for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]), torch.float32)
-    for ours, expected in zip(flex, eager):
-        torch.testing.assert_close(ours, expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
+    grad_out = torch.randn(1, n, heads[0], dim, generator=generator).cuda()
+    flex = bounded_attention(flex_stream)
+    q, k, v = (t.clone().requires_grad_() for t in inputs)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out, _ = flex(None, q, k, v, None, scaling=dim ** -0.5, cu_seq_lens_q=cu, max_length_q=400,
+                      sliding_window=window, softcap=50.0, stream_capacity=1024)
+    out.backward(grad_out.to(out.dtype))
+    q0, k0, v0 = (t.clone().requires_grad_() for t in inputs)
+    expected = per_sequence(*(t[0].transpose(0, 1) for t in (q0, k0, v0)), cu, dim ** -0.5, window, 50.0)
+    expected.backward(grad_out[0])
+    for ours, reference in ((out[0], expected), (q.grad, q0.grad), (k.grad, k0.grad), (v.grad, v0.grad)):
+        torch.testing.assert_close(ours.float(), reference, rtol=tolerance, atol=tolerance * float(reference.abs().max()))

@@ -119,6 +119,17 @@ def test_sequence_bounds_of_packed_and_padded_batches():
     assert packed["cu_seq_lens_q"].dtype == torch.int32  # what the flash kernel takes
 
 
+def test_every_micro_batch_carries_the_runs_capacity():
+    """What flex attention pads a micro-batch to (qlora/attention.py): the most tokens any holds."""
+    data = rows([3, 5, 2, 7, 4, 2])
+    plain = DataOrder(data, batch_size=2, grad_accum=2, seed=0, group_by_length=False, pad_id=0)
+    packed = DataOrder(data, batch_size=2, grad_accum=2, seed=0, group_by_length=False, pad_id=0, pack_to=24)
+    for order, capacity in ((plain, 2 * 7), (packed, 24)):
+        batches = [b for step in range(order.per_epoch) for b in order.batches(step)[1]]
+        assert all(b["input_ids"].numel() <= capacity for b in batches)
+        assert {sequence_bounds(b)["stream_capacity"] for b in batches} == {capacity}
+
+
 def test_pack_length_defaults_to_one_unpacked_micro_batch():
     data = DataConfig(source="x", max_length=512, packing=True)
     assert pack_length(data, TrainConfig(output_dir="x", batch_size=4)) == 2048
