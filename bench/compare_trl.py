@@ -41,14 +41,15 @@ use_expandable_segments()  # before torch touches CUDA
 
 import torch  # noqa: E402
 
-from qlora.attention import BOUNDED, INFERENCE  # noqa: E402
+from qlora.attention import BOUNDED  # noqa: E402
 from qlora.batching import DataOrder, data_order  # noqa: E402
 from qlora.config import Config, load_config  # noqa: E402
 from qlora.data import IGNORE, prepare_data  # noqa: E402
 from qlora.loop import StepSettings, micro_batch_loss, train_step  # noqa: E402
 from qlora.memory import GIB, MemoryMeter, step_peak_gib  # noqa: E402
 from qlora.families import LEVER_LIMITS, nearest_allowed  # noqa: E402
-from qlora.model import apply_levers, build_model, load_base_model, load_tokenizer, read_architecture, resolve_device  # noqa: E402
+from qlora.model import (apply_levers, build_model, for_inference, load_base_model, load_tokenizer,  # noqa: E402
+                         read_architecture, resolve_device)
 from qlora.optim import build_training_state  # noqa: E402
 from qlora.plan import Budget, choose  # noqa: E402
 from qlora.prompts import build_prompter  # noqa: E402
@@ -195,7 +196,7 @@ def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_las
             max(filter(None, (step_peak_gib(m) for m in peaks)), default=None),
             max(filter(None, (m["peak_reserved_gib"] for m in peaks)), default=None))}
         if check is not None:
-            row[f"step0_loss_relative_to_{INFERENCE[attn]}"] = check
+            row[f"step0_loss_relative_to_{for_inference(variant.model).attn_implementation}"] = check
         offload = model.activation_offload  # model.offload_layers and offload_inputs (qlora/offload.py)
         if offload is not None:
             row["offload"] = {"layers": offload.offloaded, "inputs": offload.inputs,
@@ -211,13 +212,13 @@ def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_las
 
 
 def loss_against_dense(model: Any, order: DataOrder, cfg: Config, device: torch.device) -> float:
-    """|bounded - dense| / dense for the loss of step 0's window, same weights, same batches:
-    varlen against SDPA, flex against eager (qlora.attention.INFERENCE). The GPU side of the CPU
-    tests that these kernels keep the loss."""
+    """|bounded - dense| / dense for the loss of step 0's window, same weights, same batches: varlen
+    or flex against what generation runs (SDPA; eager for Gemma-2). The GPU side of the CPU tests
+    that these kernels keep the loss."""
     losses, attn = [], cfg.model.attn_implementation
     model.eval()  # LoRA dropout off: the two passes must see the same function
     with torch.no_grad():
-        for implementation in (attn, INFERENCE[attn]):
+        for implementation in (attn, for_inference(cfg.model).attn_implementation):
             model.get_base_model().set_attn_implementation(implementation)
             losses.append(sum(float(micro_batch_loss(model, b, cfg.train.precision, device,
                                                      cfg.train.supervised_logits_only))

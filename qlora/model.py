@@ -226,16 +226,19 @@ def load_for_inference(cfg: ModelConfig, precision: str, device: torch.device, s
     """The base model as in training, with the saved adapter applied (or none), in eval mode."""
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise UserError(f"no adapter in {adapter} (expected adapter_config.json, e.g. RUN/final)")
-    # varlen and flex attention know no left padding: generation runs on SDPA, or the nearest the
-    # model allows (eager for Gemma-2's soft-cap); the weights are the same
-    inference = cfg
-    if cfg.attn_implementation in INFERENCE:
-        inference = nearest_allowed(dataclasses.replace(cfg, attn_implementation=INFERENCE[cfg.attn_implementation]),
-                                    read_architecture(cfg))
-    model = load_base_model(inference, precision, device, seed, quantized)
+    model = load_base_model(for_inference(cfg), precision, device, seed, quantized)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     return model.eval()
+
+
+def for_inference(cfg: ModelConfig) -> ModelConfig:
+    """varlen and flex attention know no left padding: generation runs SDPA, or the nearest the model
+    allows (eager for Gemma-2's soft-cap). The weights are the same."""
+    if cfg.attn_implementation not in INFERENCE:
+        return cfg
+    return nearest_allowed(dataclasses.replace(cfg, attn_implementation=INFERENCE[cfg.attn_implementation]),
+                           read_architecture(cfg))
 
 
 def merge_adapter(cfg: ModelConfig, adapter: Path, out: Path, precision: str, seed: int) -> Path:

@@ -20,7 +20,7 @@ from qlora.errors import UserError
 from qlora.estimate import estimate_for_config
 from qlora.families import FAMILIES, refusals
 from qlora.loop import micro_batch_loss
-from qlora.model import build_model, load_tokenizer, read_architecture
+from qlora.model import build_model, for_inference, load_tokenizer, read_architecture
 from qlora.prompts import build_prompter
 from tests.conftest import DEV_FILE, FIXTURE, REFERENCE, ROOT, TINY_YAML, assert_same_run
 
@@ -181,6 +181,17 @@ def test_each_lever_keeps_the_loss_and_gradient_or_is_refused(families, name, tm
     losses = [loss_and_grads(families, name, packed, tmp_path, attn, precision="bf16", upcast_non_quantized=up)[0]
               for up in (True, False)]
     assert abs(losses[1] / losses[0] - 1) < 0.02
+
+
+def test_generation_runs_the_dense_attention_the_model_allows():
+    """varlen and flex know no left padding: generation runs SDPA, or eager where the model soft-caps
+    its logits (SDPA would drop the cap)."""
+    gemma = load_config(ROOT / "configs" / "gemma2-9b-korquad.yaml").model
+    llama = load_config(ROOT / "configs" / "llama3.1-8b-korquad.yaml").model
+    assert (gemma.attn_implementation, for_inference(gemma).attn_implementation) == ("flex", "eager")
+    assert (llama.attn_implementation, for_inference(llama).attn_implementation) == ("varlen", "sdpa")
+    assert for_inference(dataclasses.replace(llama, attn_implementation="flex")).attn_implementation == "sdpa"
+    assert for_inference(dataclasses.replace(gemma, attn_implementation="eager")).attn_implementation == "eager"
 
 
 def test_a_long_context_is_cut_inside_the_chat_turn_around_the_answer(families):
