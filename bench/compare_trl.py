@@ -43,7 +43,8 @@ import torch  # noqa: E402
 
 from qlora.attention import BOUNDED  # noqa: E402
 from qlora.batching import DataOrder, data_order  # noqa: E402
-from qlora.config import Config, load_config  # noqa: E402
+from qlora.config import Config, check_values, load_config  # noqa: E402
+from qlora.errors import UserError  # noqa: E402
 from qlora.data import IGNORE, prepare_data  # noqa: E402
 from qlora.loop import StepSettings, micro_batch_loss, train_step  # noqa: E402
 from qlora.memory import GIB, MemoryMeter, step_peak_gib  # noqa: E402
@@ -82,7 +83,10 @@ def job_config(config: str, shape: str, overrides: list[str], added: list[str] =
     architecture rules out (qlora/families.py) becomes the nearest one it allows: for Gemma-2, TRL's
     side and our plain variant run eager attention (as TRL's docs advise for it), the varlen lever flex."""
     cfg = load_config(config, [*JOB, *SHAPES[shape], *overrides, *added])
-    return dataclasses.replace(cfg, model=nearest_allowed(cfg.model, read_architecture(cfg.model)))
+    cfg = dataclasses.replace(cfg, model=nearest_allowed(cfg.model, read_architecture(cfg.model)))
+    if problems := check_values(cfg):
+        raise UserError("invalid config: " + "; ".join(problems))
+    return cfg
 
 
 def setup(config: str, shape: str, overrides: list[str], added: list[str] = ()) -> tuple[Config, Any, Any, torch.device]:

@@ -98,6 +98,7 @@ def main() -> None:
     for norms, length, layout, recompute in itertools.product(norm_order, args.lengths, args.layouts, args.recompute):
         rows = longest_rows(cfg, tokenizer, length, cfg.train.batch_size)
         batch = collate(rows, tokenizer.pad_token_id) if layout == "padded" else collate_packed(rows)
+        batch["stream_capacity"] = batch["input_ids"].numel()  # as DataOrder's: flex pads to no more
         width = batch["input_ids"].shape[1]
         shaped = variant(cfg, norms, layout, recompute, width)
         estimate = estimate_for_config(shaped, hf_config, seq=width)["total"] / GIB

@@ -34,9 +34,6 @@ VARLEN = "varlen"
 FLEX = "flex"
 BOUNDED = (VARLEN, FLEX)
 """The implementations that read the batch's sequence bounds."""
-INFERENCE = {VARLEN: "sdpa", FLEX: "sdpa"}
-"""What generation runs instead (left padding): the same attention with a dense mask (where the
-model rules SDPA out, the nearest it allows: qlora/families.py, eager for Gemma-2)."""
 BLOCK = 128
 """Flex's block of queries and keys (its default)."""
 SMALL_BACKWARD = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 32, "bwd_BLOCK_M2": 32, "bwd_BLOCK_N2": 32,
@@ -61,7 +58,8 @@ def sequence_bounds(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
 def bounded_attention(kernel: Callable[..., torch.Tensor]) -> Callable[..., tuple[torch.Tensor, None]]:
     """transformers' attention signature around `kernel(q, k, v, cu, longest, scale, window, softcap,
     capacity)`, which takes one stream of tokens [N, H, D] (H: query heads; K and V may have fewer)
-    and a window only where it is shorter than the longest sequence."""
+    and a window only where it is shorter than the longest sequence. Each kernel reads what it
+    needs: flash the longest sequence, flex the capacity."""
 
     def forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
@@ -172,7 +170,7 @@ def soft_cap(cap: float | None) -> Callable[..., torch.Tensor] | None:
     if cap is None:
         return None
 
-    def capped(score: torch.Tensor, b: Any = None, h: Any = None, q: Any = None, kv: Any = None) -> torch.Tensor:
+    def capped(score: torch.Tensor, b: Any, h: Any, q: Any, kv: Any) -> torch.Tensor:
         return cap * torch.tanh(score / cap)
 
     return capped
@@ -256,7 +254,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         return out.transpose(0, 1)
     groups = q.shape[0] // k.shape[0]
     k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
-    scores = soft_cap(softcap)(q @ k.transpose(1, 2) * (scale if scale is not None else q.shape[-1] ** -0.5))
+    scores = q @ k.transpose(1, 2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = soft_cap(softcap)(scores, None, None, None, None)
     if mask is None:
         mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~mask, float("-inf"))

@@ -101,7 +101,8 @@ class ModelConfig:
                 "it skips the masked blocks SDPA computes. Training only (bf16/fp16 on a GPU; the CPU runs "
                 "one SDPA call per example); generation uses SDPA. flex: the same through torch's compiled "
                 "flex attention, for what flash cannot compute (Gemma-2's soft-capped logits); any precision; "
-                "the CPU runs each example eagerly; generation uses SDPA, or eager for Gemma-2.",
+                "the CPU runs one SDPA call per example, or eager attention where soft-capped; generation "
+                "uses SDPA, or eager for Gemma-2.",
         resume_safe=True)
     shard: bool = key(
         False, "Under torchrun, shard the 4-bit base over the ranks with PyTorch FSDP (qlora/shard.py), "

@@ -168,7 +168,9 @@ def share(batches: list[dict[str, Any]], world: World, even: bool = False) -> li
         owner[i], load[rank] = rank, load[rank] + batches[i]["n_tokens"]
     mine = [b for i, b in enumerate(batches) if owner[i] == world.rank]
     runs = max(Counter(owner.values()).values()) if even else 1
-    return mine + [idle_batch() for _ in range(runs - len(mine))]
+    # the run's capacity: flex attention pads to it, and a new value would compile anew (qlora/attention.py)
+    capacity = {"stream_capacity": batches[0]["stream_capacity"]} if batches and "stream_capacity" in batches[0] else {}
+    return mine + [{**idle_batch(), **capacity} for _ in range(runs - len(mine))]
 
 
 def split_hint(packing: bool, rows_multiple: int, world: World) -> str | None:

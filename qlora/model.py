@@ -18,7 +18,7 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from qlora.attention import BOUNDED, INFERENCE
+from qlora.attention import BOUNDED
 from qlora.attention import register as register_attention
 from qlora.config import LoraConfig, ModelConfig
 from qlora.errors import UserError
@@ -235,10 +235,9 @@ def load_for_inference(cfg: ModelConfig, precision: str, device: torch.device, s
 def for_inference(cfg: ModelConfig) -> ModelConfig:
     """varlen and flex attention know no left padding: generation runs SDPA, or the nearest the model
     allows (eager for Gemma-2's soft-cap). The weights are the same."""
-    if cfg.attn_implementation not in INFERENCE:
+    if cfg.attn_implementation not in BOUNDED:
         return cfg
-    return nearest_allowed(dataclasses.replace(cfg, attn_implementation=INFERENCE[cfg.attn_implementation]),
-                           read_architecture(cfg))
+    return nearest_allowed(dataclasses.replace(cfg, attn_implementation="sdpa"), read_architecture(cfg))
 
 
 def merge_adapter(cfg: ModelConfig, adapter: Path, out: Path, precision: str, seed: int) -> Path:

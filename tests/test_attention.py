@@ -93,6 +93,10 @@ def test_streams_are_padded_to_the_runs_capacity():
     assert [padded_length(n, None) for n in (1, 128, 129, 1000)] == [128, 128, 256, 1024]
 
 
+CAP = 2.0
+"""A soft-cap that changes attention scores of about 1 (Gemma-2's 50 leaves them nearly as they are)."""
+
+
 def test_small_backward_blocks_where_the_default_ones_do_not_fit():
     """Head sizes above 128 on a GPU with 99 KiB of shared memory a block (RTX 3090/4090/5080), not on
     an H100/H200 (227 KiB), nor at head size 128."""
@@ -108,9 +112,10 @@ def test_compiled_flex_keeps_the_output_and_gradients_on_the_gpu(autocast, dim, 
                                                                  monkeypatch):
     """The attention interface's flex function, compiled kernels forward and backward, against fp32
     attention per sequence: fp32 at head size 16; Gemma-2's heads (256 wide, 16 query over 8
-    key/value) from fp32 inputs under bf16 autocast (fp32 norms hand flex fp32 q/k/v), with its
-    soft-cap, with a sliding window shorter than a sequence, and as on a GPU with 99 KiB of shared
-    memory a block (the RTX 5080 class: SMALL_BACKWARD). Skipped in CI (no GPU)."""
+    key/value) from fp32 inputs under bf16 autocast (fp32 norms hand flex fp32 q/k/v), with a
+    soft-cap that changes the result (Gemma-2's 50 would not, at these scores), with a sliding window
+    shorter than a sequence, and as on a GPU with 99 KiB of shared memory a block (the RTX 5080
+    class: SMALL_BACKWARD). Skipped in CI (no GPU)."""
     if small_gpu:
         monkeypatch.setattr(attention, "shared_memory", lambda device: 99 * 1024)
     generator = torch.Generator().manual_seed(dim)
@@ -122,10 +127,13 @@ def test_compiled_flex_keeps_the_output_and_gradients_on_the_gpu(autocast, dim, 
     q, k, v = (t.clone().requires_grad_() for t in inputs)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         out, _ = flex(None, q, k, v, None, scaling=dim ** -0.5, cu_seq_lens_q=cu, max_length_q=400,
-                      sliding_window=window, softcap=50.0, stream_capacity=1024)
+                      sliding_window=window, softcap=CAP, stream_capacity=1024)
     out.backward(grad_out.to(out.dtype))
     q0, k0, v0 = (t.clone().requires_grad_() for t in inputs)
-    expected = per_sequence(*(t[0].transpose(0, 1) for t in (q0, k0, v0)), cu, dim ** -0.5, window, 50.0)
+    streams = [t[0].transpose(0, 1) for t in (q0, k0, v0)]
+    expected = per_sequence(*streams, cu, dim ** -0.5, window, CAP)
+    uncapped = per_sequence(*(t.detach() for t in streams), cu, dim ** -0.5, window, None)
+    assert (expected - uncapped).abs().max() > 5 * tolerance * expected.abs().max()  # the cap matters here
     expected.backward(grad_out[0])
     for ours, reference in ((out[0], expected), (q.grad, q0.grad), (k.grad, k0.grad), (v.grad, v0.grad)):
         torch.testing.assert_close(ours.float(), reference, rtol=tolerance, atol=tolerance * float(reference.abs().max()))

@@ -39,3 +39,6 @@ def test_a_value_the_architecture_refuses_becomes_the_nearest_it_allows(compare_
     assert every.model.attn_implementation == "flex" and every.data.packing and every.model.compile_layers
     llama = compare_trl.with_every_lever(str(ROOT / "configs" / "llama3.1-8b-korquad.yaml"), "extractive_2048", [])
     assert llama.model.attn_implementation == "varlen"
+    assert compare_trl.ran_instead(["model.attn_implementation=varlen", "data.packing=true"], every) == \
+        " (ran model.attn_implementation=flex: the nearest this model allows)"  # the lever's name says so
+    assert compare_trl.ran_instead(["model.attn_implementation=varlen"], llama) == ""
