@@ -43,8 +43,7 @@ import torch  # noqa: E402
 
 from qlora.attention import BOUNDED  # noqa: E402
 from qlora.batching import DataOrder, data_order  # noqa: E402
-from qlora.config import Config, check_values, load_config  # noqa: E402
-from qlora.errors import UserError  # noqa: E402
+from qlora.config import Config, checked, load_config  # noqa: E402
 from qlora.data import IGNORE, prepare_data  # noqa: E402
 from qlora.loop import StepSettings, micro_batch_loss, train_step  # noqa: E402
 from qlora.memory import GIB, MemoryMeter, step_peak_gib  # noqa: E402
@@ -83,10 +82,7 @@ def job_config(config: str, shape: str, overrides: list[str], added: list[str] =
     architecture rules out (qlora/families.py) becomes the nearest one it allows: for Gemma-2, TRL's
     side and our plain variant run eager attention (as TRL's docs advise for it), the varlen lever flex."""
     cfg = load_config(config, [*JOB, *SHAPES[shape], *overrides, *added])
-    cfg = dataclasses.replace(cfg, model=nearest_allowed(cfg.model, read_architecture(cfg.model)))
-    if problems := check_values(cfg):
-        raise UserError("invalid config: " + "; ".join(problems))
-    return cfg
+    return checked(dataclasses.replace(cfg, model=nearest_allowed(cfg.model, read_architecture(cfg.model))))
 
 
 def setup(config: str, shape: str, overrides: list[str], added: list[str] = ()) -> tuple[Config, Any, Any, torch.device]:
@@ -185,8 +181,8 @@ def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_las
             previous = variant
             continue
         order = data_order(data.rows, variant.data, variant.train, tokenizer.pad_token_id)
-        attn = variant.model.attn_implementation
-        check = (loss_against_dense(model, order, variant, device)
+        attn, dense = variant.model.attn_implementation, for_inference(variant.model).attn_implementation
+        check = (loss_against_dense(model, order, variant, device, dense)
                  if attn in BOUNDED and
                  (only_last or previous.model.attn_implementation != attn or previous.data.packing != variant.data.packing)
                  else None)
@@ -200,7 +196,7 @@ def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_las
             max(filter(None, (step_peak_gib(m) for m in peaks)), default=None),
             max(filter(None, (m["peak_reserved_gib"] for m in peaks)), default=None))}
         if check is not None:
-            row[f"step0_loss_relative_to_{for_inference(variant.model).attn_implementation}"] = check
+            row[f"step0_loss_relative_to_{dense}"] = check
         offload = model.activation_offload  # model.offload_layers and offload_inputs (qlora/offload.py)
         if offload is not None:
             row["offload"] = {"layers": offload.offloaded, "inputs": offload.inputs,
@@ -215,14 +211,14 @@ def run_ours(config: str, shape: str, overrides: list[str], steps: int, only_las
     return results
 
 
-def loss_against_dense(model: Any, order: DataOrder, cfg: Config, device: torch.device) -> float:
+def loss_against_dense(model: Any, order: DataOrder, cfg: Config, device: torch.device, dense: str) -> float:
     """|bounded - dense| / dense for the loss of step 0's window, same weights, same batches: varlen
-    or flex against what generation runs (SDPA; eager for Gemma-2). The GPU side of the CPU tests
-    that these kernels keep the loss."""
+    or flex against `dense`, what generation runs (SDPA; eager for Gemma-2). The GPU side of the CPU
+    tests that these kernels keep the loss."""
     losses, attn = [], cfg.model.attn_implementation
     model.eval()  # LoRA dropout off: the two passes must see the same function
     with torch.no_grad():
-        for implementation in (attn, for_inference(cfg.model).attn_implementation):
+        for implementation in (attn, dense):
             model.get_base_model().set_attn_implementation(implementation)
             losses.append(sum(float(micro_batch_loss(model, b, cfg.train.precision, device,
                                                      cfg.train.supervised_logits_only))

@@ -214,7 +214,8 @@ def build_block_mask(cu: torch.Tensor, size: int, window: int | None) -> BlockMa
     kv_first, kv_last = ends[None, :, 0], ends[None, :, 1]
     q_block = torch.arange(ends.shape[0], device=cu.device)[:, None]
     kv_block = q_block.T
-    some = (kv_block <= q_block) & (kv_last >= q_first)  # a key block at or before, reaching the query block's first sequence
+    # a key block at or before the query block, reaching its first sequence
+    some = (kv_block <= q_block) & (kv_last >= q_first)
     full = (kv_block < q_block) & (kv_first == q_last)  # both blocks inside one sequence
     if window is not None:  # nearest and farthest pairs of the two blocks
         some &= (q_block - kv_block) * BLOCK - (BLOCK - 1) < window

@@ -361,10 +361,14 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         keys = raw[name] if isinstance(raw[name], dict) else {}
         moved = [f"{name}.{k}: {RENAMED[f'{name}.{k}']}" for k in keys if f"{name}.{k}" in RENAMED]
         problems.append("; ".join(moved) if moved else f"{name}: unknown section (allowed: {', '.join(_sections())})")
-    if not problems:
-        cfg = Config(**sections)
-        problems.extend(check_values(cfg))
     if problems:
+        raise UserError("invalid config: " + "; ".join(problems))
+    return checked(Config(**sections))
+
+
+def checked(cfg: Config) -> Config:
+    """`cfg`, or one line naming every range and combination it breaks (check_values)."""
+    if problems := check_values(cfg):
         raise UserError("invalid config: " + "; ".join(problems))
     return cfg
 

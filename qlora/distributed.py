@@ -168,9 +168,8 @@ def share(batches: list[dict[str, Any]], world: World, even: bool = False) -> li
         owner[i], load[rank] = rank, load[rank] + batches[i]["n_tokens"]
     mine = [b for i, b in enumerate(batches) if owner[i] == world.rank]
     runs = max(Counter(owner.values()).values()) if even else 1
-    # the run's capacity: flex attention pads to it, and a new value would compile anew (qlora/attention.py)
-    capacity = {"stream_capacity": batches[0]["stream_capacity"]} if batches and "stream_capacity" in batches[0] else {}
-    return mine + [{**idle_batch(), **capacity} for _ in range(runs - len(mine))]
+    capacity = batches[0].get("stream_capacity") if batches else None
+    return mine + [idle_batch(capacity) for _ in range(runs - len(mine))]
 
 
 def split_hint(packing: bool, rows_multiple: int, world: World) -> str | None:
@@ -183,12 +182,14 @@ def split_hint(packing: bool, rows_multiple: int, world: World) -> str | None:
             f"data.pack_rows_multiple={world.size} (or a multiple of every rank count you use) evens the shares")
 
 
-def idle_batch() -> dict[str, Any]:
+def idle_batch(stream_capacity: int | None = None) -> dict[str, Any]:
     """Two tokens with one label, weighted 0 by the loop: a rank with no rows (or, sharded, fewer
-    than the others) still runs a forward and backward, joining the collectives with zeros."""
+    than the others) still runs a forward and backward, joining the collectives with zeros. With the
+    run's capacity, as its other batches carry it: flex attention pads to it, and a new value would
+    compile anew (qlora/attention.py)."""
     return {"input_ids": torch.zeros((1, 2), dtype=torch.long), "labels": torch.tensor([[IGNORE, 0]]),
             "attention_mask": torch.ones((1, 2), dtype=torch.long), "n_tokens": 0, "n_supervised": 0,
-            "weight": 0.0}
+            "weight": 0.0, "stream_capacity": stream_capacity}
 
 
 def sum_over_ranks(value: torch.Tensor, world: World) -> torch.Tensor:

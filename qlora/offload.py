@@ -50,9 +50,9 @@ RELEASE_AFTER = 6
 tensors: the compute stream waits there for their copies to the host, a GPU-side wait (Llama-2-7B,
 rows of 8,192, one H200: 17 ms of copies, about four layers' forward; the copies start as layer j
 ends, so five layers hide them with a layer's margin; not measured). Six is the plan's spacing
-(plan.py, OFFLOAD_EVERY): each offloaded layer frees the one before it. Freeing them once the CPU saw the copies done kept them through the backward's peak
-(0.57 GiB more than without offloading, bench/results/2026-11-29-session12-h200/call-e): the CPU
-runs layers ahead of the GPU."""
+(plan.py, OFFLOAD_EVERY): each offloaded layer frees the one before it. Freeing them once the CPU
+saw the copies done kept them through the backward's peak (0.57 GiB more than without offloading,
+bench/results/2026-11-29-session12-h200/call-e): the CPU runs layers ahead of the GPU."""
 INPUT_RELEASE_AFTER = 3
 """The forward of layer j + INPUT_RELEASE_AFTER (or of the last layer) frees recomputing layer j's
 input (model.offload_inputs): a copy of 64-128 MiB (Llama-2-7B, rows of 8,192, bf16 or fp32) takes
@@ -171,7 +171,8 @@ class ActivationOffload:
         """Each input-offloading layer's input from its latest forward, until its copy back starts."""
         self.inputs_in_flight: deque[OffloadedInput] = deque()
         """Inputs copied to the host whose GPU storage is not yet freed."""
-        self.prefetches = {i: [j for j in sorted({*offloaded, *self.inputs}) if i - LEAD <= j < i] for i in range(layers)}
+        self.prefetches = {i: [j for j in sorted({*offloaded, *self.inputs}) if i - LEAD <= j < i]
+                           for i in range(layers)}
         """The offloaded layers, and the layers with offloaded inputs, whose copies back each layer's
         backward starts."""
 
