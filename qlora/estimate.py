@@ -27,6 +27,13 @@ SUPERVISED_POSITIONS = 0.02
 COMPILED_SAVED = 1.03
 KEPT_WORKING = 0.75
 RECOMPUTE_WORKING = 1.5
+# Lean layers (model.lean_layers, qlora/lean.py) on CUDA, Llama-2-7B as shipped, one H200, 0, 4
+# and 8 of 32 layers recomputed, the rest lean (bench/results/2026-11-29-session15-h200/call-d):
+# each lean layer saved 0.3125 GiB at rows of 8,192, what the attention's backward needs (its
+# input, q, k, v and output) and the residual (kept_saved's terms below; the dropout masks are
+# replayed, not saved); while the last lean layer runs its backward, about a kept layer's saved
+# tensors more are live (it recomputes its MLP there).
+LEAN_WORKING = 1.0
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,8 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
                   lora_dropout: bool, optimizer: str, recompute: bool, double_quant: bool,
                   logits_everywhere: bool, compute_bytes: int = 2, stream_bytes: int = 4,
                   recompute_layers: int | None = None, compiled: bool = False, shards: int = 1,
-                  dequantized_layers: int = 0, offloaded_layers: int = 0, inputs_offloaded: bool = False) -> dict[str, int]:
+                  dequantized_layers: int = 0, offloaded_layers: int = 0, inputs_offloaded: bool = False,
+                  lean: bool = False) -> dict[str, int]:
     """Predicted peak allocated bytes of one training step, by component.
 
     - quantized weights: 4 bits per weight + one absmax per 64 weights (8-bit with double
@@ -90,7 +98,9 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
       RELEASE_AFTER layers), and one layer brought back early beside a recompute. With their inputs
       offloaded (model.offload_inputs), the recomputing layers keep INPUT_RELEASE_AFTER + 1 inputs
       on the GPU at most (in flight in the forward; put back early, and the last layer's, in the
-      backward);
+      backward). `lean` (model.lean_layers, compiled): the kept layers save what their attention's
+      backward needs and the residual, and recompute the rest in the backward, where a kept layer's
+      saved tensors more are live (LEAN_WORKING);
     - logits: fp32 [batch, positions, vocab] plus its gradient, at every position or only at the
       SUPERVISED_POSITIONS share;
     - sharded over `shards` ranks (model.shard, FSDP): each rank keeps 1/N of the packed 4-bit
@@ -122,16 +132,20 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
     # last layer first, before the first recompute needs room (and one kept layer with its working
     # set, 1.75 layers, is more than one recompute's 1.5)
     kept = shape.layers - recomputed
-    live = kept + KEPT_WORKING if kept else RECOMPUTE_WORKING  # layers' saved tensors at the peak
+    kept_saved = tokens * (compute_bytes * (shape.hidden + q + 2 * kv) + stream_bytes * shape.hidden) \
+        if lean else layer_saved  # what one kept layer saves
+    working = (LEAN_WORKING if lean else KEPT_WORKING) * layer_saved
+    live = kept * kept_saved + working if kept else RECOMPUTE_WORKING * layer_saved  # saved tensors at the peak
     if offloaded_layers and recomputed:  # spaced LEAD + 1 or more: one layer brought back early at a time
         picked = offloaded(recomputed, shape.layers, offloaded_layers)  # one line if too many
         in_flight = max(sum(i <= j < i + RELEASE_AFTER for j in picked) for i in picked)
         # two or more in flight: the forward of the layer between them runs beside both (every layer
         # recomputed, 10 of Mistral-7B's 32 offloaded, 3 apart: 1.7% above an estimate without it;
         # bench/results/2026-11-29-session13-h200/call-b)
-        live = max(live, RECOMPUTE_WORKING + 1, min(kept, RELEASE_AFTER - 1) + in_flight + (in_flight > 1))
+        live = max(live, (RECOMPUTE_WORKING + 1) * layer_saved,
+                   min(kept, RELEASE_AFTER - 1) * kept_saved + (in_flight + (in_flight > 1)) * layer_saved)
     inputs = min(recomputed, INPUT_RELEASE_AFTER + 1) if inputs_offloaded else recomputed
-    activations = inputs * residual + live * layer_saved
+    activations = inputs * residual + live
     positions = seq if logits_everywhere else max(1, math.ceil(seq * SUPERVISED_POSITIONS))
     logits = batch * positions * shape.vocab * (compute_bytes + 4 + 4)
     # dequantizing one weight matrix for the matmul, forward and backward
@@ -167,7 +181,8 @@ def estimate_for_config(cfg: Config, hf_config: Any, seq: int, ranks: int = 1) -
                          stream_bytes=4 if cfg.model.upcast_non_quantized else compute_bytes,
                          compiled=cfg.model.compile_layers, shards=ranks if cfg.model.shard else 1,
                          dequantized_layers=cfg.model.dequantized_layers,
-                         offloaded_layers=cfg.model.offload_layers, inputs_offloaded=cfg.model.offload_inputs)
+                         offloaded_layers=cfg.model.offload_layers, inputs_offloaded=cfg.model.offload_inputs,
+                         lean=cfg.model.lean_layers and cfg.model.compile_layers)
 
 
 def format_estimate(estimate: dict[str, int]) -> str:

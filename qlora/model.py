@@ -120,7 +120,7 @@ def apply_levers(model: PeftModel, cfg: ModelConfig, precision: str) -> None:
     # recompute_activations: qlora/config.py)
     model.activation_offload = offload_some_layers(model, cfg.offload_layers, cfg.offload_inputs)
     if cfg.compile_layers:
-        compile_decoder_layers(model)
+        compile_decoder_layers(model, lean=cfg.lean_layers)
 
 
 def prepare_attention(cfg: ModelConfig) -> None:
@@ -131,20 +131,26 @@ def prepare_attention(cfg: ModelConfig) -> None:
     torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)
 
 
-def compile_decoder_layers(model: torch.nn.Module, backend: str | Callable = "inductor") -> None:
-    """Compile each decoder layer in place, LoRA included (once: a compiled layer is left as it is).
-    Recompute stays outside the compiled code (GradientCheckpointingLayer.__call__ wraps the
-    compiled call), so the recompute replays it. `backend`: torch.compile's (tests pass one that
-    records the graphs)."""
+def compile_decoder_layers(model: torch.nn.Module, backend: str | Callable = "inductor", lean: bool = False) -> None:
+    """Compile each decoder layer in place, LoRA included. Recompute stays outside the compiled code
+    (GradientCheckpointingLayer.__call__ wraps the compiled call), so the recompute replays it.
+    `lean` (model.lean_layers, with inductor): the layers that keep their activations (neither
+    recompute nor offload) compile with qlora.lean's lean_inductor; the others with `backend` (torch.compile's:
+    tests pass one that records the graphs). A layer already compiled with its backend is left as
+    it is; dynamo keeps one graph a backend, shared by the layers that use it."""
     # Python floats (norm eps, LoRA scaling, dropout p) are constants: under dynamic=True dynamo would
     # pass each as a float64 CPU tensor, and inductor would compile a C++ kernel for their casts even
     # in a CUDA layer. That C++ kernel cost every process ~40 s of its first step (a compiler run and
     # inductor's CPU-ISA probes, each a Python subprocess), with a warm compile cache too (H200,
     # bench/results/2026-11-28-session10-h200/). Process-wide: these layers are our only compiled code.
     torch._dynamo.config.specialize_float = True
+    if lean:
+        from qlora.lean import lean_inductor  # imports inductor (1 s): only where lean layers compile
     for layer in decoder_layers(model):
-        if layer._compiled_call_impl is None:
-            layer.compile(dynamic=True, backend=backend)
+        wanted = lean_inductor if lean and not layer.gradient_checkpointing else backend
+        if layer._compiled_call_impl is None or getattr(layer, "compiled_with", None) is not wanted:
+            layer.compile(dynamic=True, backend=wanted)
+            layer.compiled_with = wanted
 
 
 def decoder_layers(model: torch.nn.Module) -> list[GradientCheckpointingLayer]:

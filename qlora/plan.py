@@ -1,28 +1,31 @@
 """The memory plan: the fastest setting the memory estimate says fits `train.memory_budget_gib`
 (a number, or `auto`: the GPU's free memory at start, less a margin), chosen before the model loads.
 
-What it plans: how many decoder layers recompute their activations (all, the first N, none), and,
+What it plans: how many decoder layers recompute their activations (all, the first N, none),
+whether the others are lean (model.lean_layers, with compiled layers: they save less and
+recompute part of themselves in their backward), and,
 only where nothing fits the config's packed rows, shorter rows (halves of the config's row length,
 down to data.max_length); then, on a GPU, one recomputing layer in OFFLOAD_EVERY offloading its
 activations instead (model.offload_layers), where the budget holds what that adds (nothing with
 six or more layers kept: qlora/estimate.py); then, in the memory left, how many layers keep their
 base weights dequantized (model.dequantized_layers). Neither of the last two under model.shard.
-Each recompute count is priced with and without offloading, and on one GPU with the recomputing
+Each recompute count is priced with kept and with lean layers, with and without offloading, and on one GPU with the recomputing
 layers' inputs on the GPU and in host memory (model.offload_inputs: less memory, the same speed to
 the speed model); the fastest, once what it leaves is spent, wins, the first of equals preferred
-(fewer recomputed layers, no offloading, inputs on the GPU).
+(fewer recomputed layers, kept layers not lean, no offloading, inputs on the GPU).
 Recompute, offloaded and dequantized layers never change the gradient. Shorter rows group the
 same examples a step into more rows: the same step, up to floating-point order and the LoRA
 dropout masks, which are drawn per row. All of these may change between a run and its resume (a
 resume that plans other rows is then not bit for bit the unbroken run). A config that sets
 `model.recompute_layers` or `model.recompute_activations` itself keeps its value (rows still
 shortened where they do not fit, and nothing else planned where they do), one that sets
-`data.pack_length` keeps its rows, and one that sets `model.offload_layers` or
+`data.pack_length` keeps its rows, one that sets `model.lean_layers` its value, and one that sets `model.offload_layers` or
 `model.dequantized_layers` its count (explicit values win). A sharded model (model.shard) plans
 rows only, every layer recomputed: fewer recomputed layers under FSDP have not been measured.
 
 Speed model: a step with every layer recomputed takes 1 + RECOMPUTE_COST times one with none, each
 recomputed layer a 1/L share of that (fitted on one H100, Llama-2-7B, extractive @2048); each
+lean layer a 1/L share of LEAN_COST; each
 dequantized layer takes a 1/L share of DEQUANTIZED_GAIN off (one H200); an offloaded layer is
 priced as one that keeps its activations (OFFLOAD_EVERY says how far that held). The
 estimate behind it is on the safe side, except for eager attention, which it does not price: a
@@ -74,9 +77,16 @@ measured with the host memory reused (session 12's calls A-D allocated it per te
 at every count). Measured on Llama-2-7B, in one process, on this GPU only: a slower GPU hides longer
 copies, a smaller model's layers copy more bytes per FLOP, and torchrun's ranks share the host's
 links (the plan offloads in one process only)."""
+LEAN_COST = 0.25
+"""A step with every layer lean (model.lean_layers) takes 1 + LEAN_COST times one with every layer
+kept, each lean layer a 1/L share. Llama-2-7B, the shipped job, one H200 a call (steps 2-6,
+bench/results/2026-11-29-session15-h200/): 17,887 tokens/s with every layer kept and 14,603 with
+every layer lean, the dropout masks saved (calls B and C, one machine: 0.225); with them replayed on
+CUDA, as now, 14,262 with every layer lean and 13,305 with 8 recomputed (call D, another machine:
+0.17 from that pair and RECOMPUTE_COST), and 3.4% slower than saving the masks at 8 recomputed."""
 PLANNED_KEYS = ("model.recompute_activations", "model.recompute_layers")
 ROWS_KEY, DEQUANTIZED_KEY, OFFLOAD_KEY = "data.pack_length", "model.dequantized_layers", "model.offload_layers"
-INPUTS_KEY = "model.offload_inputs"
+INPUTS_KEY, LEAN_KEY = "model.offload_inputs", "model.lean_layers"
 AUTO_MARGIN, AUTO_MIN_MARGIN_GIB, AUTO_TORCHRUN_GIB = 0.08, 1.0, 1.25
 """`auto` leaves 8% of the free memory (at least 1 GiB) unplanned: the allocator reserves 3% + 0.3 GiB
 over the peak it allocates (H200, bench/results/2026-11-28-session6-h200/), and the rest is room for
@@ -140,11 +150,14 @@ class Plan:
     """How many of the recomputing layers offload their activations instead."""
     inputs: bool = False
     """Whether the recomputing layers keep their inputs in host memory (model.offload_inputs)."""
+    lean: bool = False
+    """Whether the layers that neither recompute nor offload are lean (model.lean_layers)."""
 
     @property
     def speed(self) -> float:
         """Tokens/s relative to recomputing every layer and dequantizing none (at the same rows)."""
-        return (1 + RECOMPUTE_COST) / ((1 + RECOMPUTE_COST * (self.recomputed - self.offloaded) / self.layers)
+        lean = LEAN_COST * (self.layers - self.recomputed) / self.layers if self.lean else 0
+        return (1 + RECOMPUTE_COST) / ((1 + RECOMPUTE_COST * (self.recomputed - self.offloaded) / self.layers + lean)
                                        * (1 - DEQUANTIZED_GAIN * self.dequantized / self.layers))
 
     def describe(self) -> str:
@@ -153,14 +166,16 @@ class Plan:
         notes = [*(["inputs in host memory"] if self.inputs and self.recomputed else []),
                  *([f"{self.offloaded} of them offload instead"] if self.offloaded else [])]
         notes_text = f" ({', '.join(notes)})" if notes else ""
-        return f"recompute {self.recomputed} of {self.layers} layers{notes_text}{rows}{dequantized}"
+        lean = ", the rest lean" if self.lean and self.recomputed < self.layers else ""
+        return f"recompute {self.recomputed} of {self.layers} layers{notes_text}{lean}{rows}{dequantized}"
 
     def apply(self, cfg: Config) -> Config:
         """model.recompute_layers counts the same layers, with null for all of them."""
         model = dataclasses.replace(cfg.model, recompute_activations=self.recomputed > 0,
                                     recompute_layers=None if self.recomputed in (0, self.layers) else self.recomputed,
                                     dequantized_layers=self.dequantized or cfg.model.dequantized_layers,
-                                    offload_layers=self.offloaded, offload_inputs=self.inputs and self.recomputed > 0)
+                                    offload_layers=self.offloaded, offload_inputs=self.inputs and self.recomputed > 0,
+                                    lean_layers=self.lean)
         data = dataclasses.replace(cfg.data, pack_length=self.rows) if self.rows else cfg.data
         return dataclasses.replace(cfg, model=model, data=data)
 
@@ -178,16 +193,20 @@ def row_lengths(cfg: Config, given: set[str]) -> list[int | None]:
 
 
 def candidates(cfg: Config, hf_config: Any, seq: int, ranks: int = 1, rows: int | None = None,
-               own_recompute: bool = False, inputs: tuple[bool, ...] = (False,)) -> list[Plan]:
+               own_recompute: bool = False, inputs: tuple[bool, ...] = (False,),
+               leans: tuple[bool, ...] = (False,)) -> list[Plan]:
     """Every recompute count (sharded: every layer only; `own_recompute`: the config's), fastest
-    (none) first, each with the estimate's peak for this config on `ranks` processes, at `rows`
-    tokens per packed row; each count with the recomputing layers' inputs on the GPU and/or in host
-    memory, as `inputs` says (the same speed: the first is preferred)."""
+    first, each with the estimate's peak for this config on `ranks` processes, at `rows`
+    tokens per packed row; each count with the other layers kept and/or lean, as `leans` says, and
+    the recomputing layers' inputs on the GPU and/or in host memory, as `inputs` says (the same
+    speed: the first is preferred)."""
     layers = hf_config.num_hidden_layers
     counts = [recomputed_layers(cfg, layers)] if own_recompute else \
         [layers] if cfg.model.shard else range(layers + 1)
-    plans = [Plan(n, layers, 0, rows, offloaded=own_offloaded(cfg, n, layers), inputs=held)
-             for n in counts for held in (inputs if n else (False,))]  # nothing recomputed: no inputs kept
+    plans = [Plan(n, layers, 0, rows, offloaded=own_offloaded(cfg, n, layers), inputs=held, lean=lean)
+             for n in counts for lean in (leans if n < layers else leans[:1])  # every layer recomputed: none kept
+             for held in (inputs if n else (False,))]  # nothing recomputed: no inputs kept
+    plans.sort(key=lambda p: -p.speed)  # stable: equals stay in the order above
     return [dataclasses.replace(p, peak_bytes=estimate_for_config(p.apply(cfg), hf_config, seq, ranks)["total"])
             for p in plans]
 
@@ -237,9 +256,9 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
     own = f"the config sets {' and '.join(fixed)} itself"
     if fixed and len(lengths) == 1:
         return Choice(cfg, [], None, own)
-    plans, inputs = [], input_choices(cfg, given, ranks, gpu, bool(fixed))
+    plans, inputs, leans = [], input_choices(cfg, given, ranks, gpu, bool(fixed)), lean_choices(cfg, given, bool(fixed))
     for rows in lengths:
-        plans += candidates(cfg, hf_config, seq, ranks, rows, own_recompute=bool(fixed), inputs=inputs)
+        plans += candidates(cfg, hf_config, seq, ranks, rows, own_recompute=bool(fixed), inputs=inputs, leans=leans)
         fitting = [p for p in plans if p.peak_bytes <= budget.gib * GIB]
         if fitting and fixed and fitting[0].rows is None:
             return Choice(cfg, plans, None, own)
@@ -253,6 +272,7 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
         return Choice(smallest.apply(cfg), plans, None,
                       f"nothing fits {budget.limit} ({needs}), so it runs and may run out of memory")
     planned = (*PLANNED_KEYS, *([DEQUANTIZED_KEY] if DEQUANTIZED_KEY not in given else []),
+               *([LEAN_KEY] if True in leans else []),
                *([ROWS_KEY] if len(lengths) > 1 else []))
     raise UserError(f"train.memory_budget_gib={budget.gib:g}: no plan fits; {needs}. Also lowers the peak: "
                     f"{peak_lowering_hints(leave_out=planned, cfg=cfg)}")
@@ -265,6 +285,14 @@ def input_choices(cfg: Config, given: set[str], ranks: int, gpu: bool, fixed: bo
     sets that key or its recompute keys (its own recompute runs with its own inputs setting)."""
     if INPUTS_KEY in given or fixed or not gpu or ranks > 1 or cfg.model.shard or cfg.model.recompute_reentrant:
         return (cfg.model.offload_inputs,)
+    return (False, True)
+
+
+def lean_choices(cfg: Config, given: set[str], fixed: bool) -> tuple[bool, ...]:
+    """Whether the kept layers may be lean: with compiled layers, unsharded (not tried under FSDP),
+    where the config sets neither model.lean_layers nor its recompute keys (then its own value)."""
+    if LEAN_KEY in given or fixed or not cfg.model.compile_layers or cfg.model.shard:
+        return (cfg.model.lean_layers,)
     return (False, True)
 
 

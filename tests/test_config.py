@@ -63,7 +63,7 @@ def test_errors_name_the_key_and_what_is_allowed(tmp_path, override, message):
     assert message in str(e.value)
 
 
-def test_offloaded_layers_and_inputs_need_the_non_reentrant_recompute_and_a_third_of_it_at_most(tmp_path):
+def test_offloading_and_lean_layers_are_refused_without_what_they_build_on(tmp_path):
     for overrides, message in ((["model.recompute_layers=6", "model.offload_layers=3"],
                                 "model.offload_layers: at most a third of model.recompute_layers"),
                                (["model.recompute_activations=false", "model.offload_layers=1"],
@@ -71,7 +71,11 @@ def test_offloaded_layers_and_inputs_need_the_non_reentrant_recompute_and_a_thir
                                (["model.recompute_activations=false", "model.offload_inputs=true"],
                                 "model.offload_inputs: offloads the recomputing layers' inputs; needs"),
                                (["model.recompute_reentrant=true", "model.offload_inputs=true"],
-                                "model.offload_inputs: needs model.recompute_reentrant=false")):
+                                "model.offload_inputs: needs model.recompute_reentrant=false"),
+                               (["model.compile_layers=false", "model.lean_layers=true"],
+                                "model.lean_layers: the compiler plans what lean layers save; needs"),
+                               (["model.shard=true", "model.lean_layers=true", "model.compile_layers=true"],
+                                "model.shard=true: needs model.lean_layers=false")):
         with pytest.raises(UserError, match=message):
             load_config(write(tmp_path, BASE), overrides)
     assert load_config(write(tmp_path, BASE), ["model.recompute_layers=6", "model.offload_layers=2"])

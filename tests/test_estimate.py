@@ -145,6 +145,22 @@ def test_estimate_with_offloaded_layers_and_inputs_holds_the_mistral_runs(path):
     assert measured < estimate < (1.13 if path.parent.name in ("off5", "r30o5") else 1.05) * measured
 
 
+LEAN_RUNS = ROOT / "bench" / "results" / "2026-11-29-session15-h200" / "call-d" / "curve.log"
+
+
+def test_the_lean_estimate_is_above_and_within_5_percent_of_the_measured_peaks():
+    """Lean layers on CUDA (model.lean_layers, the dropout masks replayed): Llama-2-7B as shipped,
+    0, 4 and 8 of 32 layers recomputed, the rest lean, one H200 (.devdata's sweep, steps 2-6)."""
+    runs = [json.loads(line) for line in LEAN_RUNS.read_text().splitlines() if line.startswith("{")]
+    lean = [r for r in runs if r["lean"] == "leanrng"]
+    assert [r["recompute"] for r in lean] == ["0", "4", "8"]
+    for run in lean:
+        cfg = load_config(ROOT / "configs" / "llama2-7b-korquad.yaml",
+                          ["model.lean_layers=true", f"model.recompute_layers={run['recompute']}"])
+        estimate = estimate_for_config(cfg, read_architecture(cfg.model), cfg.data.max_length)["total"] / GIB
+        assert run["peak_allocated_gib"] < estimate < 1.05 * run["peak_allocated_gib"]
+
+
 def measured_peak_gib(log: str) -> float:
     """The peak allocated GiB train.py printed at the end of a run ("memory: peak allocated ...")."""
     return float(re.search(r"peak allocated ([\d.]+) GiB", log).group(1))
@@ -171,9 +187,10 @@ def plan_overrides(log: str) -> list[str]:
     """The config keys of the plan a run printed ("memory plan: recompute 24 of 32 layers (inputs in
     host memory, 4 of them offload instead), 1 dequantized, ...")."""
     plan = re.search(r"memory plan: recompute (\d+) of 32 layers(?: \((inputs in host memory)?(?:, )?"
-                     r"(?:(\d+) of them offload instead)?\))?(?:, (\d+) dequantized)?", log)
-    recomputed, inputs, offloaded, dequantized = plan.groups()
+                     r"(?:(\d+) of them offload instead)?\))?(, the rest lean)?(?:, (\d+) dequantized)?", log)
+    recomputed, inputs, offloaded, lean, dequantized = plan.groups()
     return [f"model.recompute_layers={recomputed}", f"model.offload_inputs={inputs is not None}",
+            f"model.lean_layers={lean is not None}",
             *([f"model.offload_layers={offloaded}"] if offloaded else []),
             *([f"model.dequantized_layers={dequantized}"] if dequantized else [])]
 

@@ -119,6 +119,45 @@ def test_compiled_layers_give_the_same_loss_and_gradient(tiny_model_factory):
             assert (grads_b[name] - grads_a[name]).abs().max() <= 1e-4 * grads_a[name].abs().max()
 
 
+def test_lean_layers_save_less_for_the_same_loss_and_gradient(tiny_model_factory):
+    """model.lean_layers: compiled layers that keep their activations save less for their backward
+    and recompute the rest there, with the forward's LoRA dropout masks (torch's partitioner would
+    draw new ones: qlora/lean.py), so the loss and gradient are a standard compiled layer's (fp32)."""
+    packed = collate_packed(make_rows([30, 17, 22], [5, 3, 8], seed=6))
+
+    def run(lean: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        model = tiny_model_factory("fp32", attn="varlen", compile_layers=True, dropout=0.3, recompute_layers=0,
+                                   lean=lean)
+        for p in (p for n, p in model.named_parameters() if "lora_B" in n):  # B = 0 would hide A's gradient
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(2))
+        torch.manual_seed(1)
+        loss = micro_batch_loss(model, packed, "fp32", CPU, True)
+        saved = compiled_saved_bytes(loss)
+        loss.backward()
+        return loss.detach(), lora_grads(model), saved
+
+    (loss, grads, kept), (lean_loss, lean_grads, lean_kept) = run(False), run(True)
+    assert lean_kept < 0.8 * kept
+    torch.testing.assert_close(lean_loss, loss, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        assert (lean_grads[name] - grads[name]).abs().max() <= 1e-4 * grads[name].abs().max(), name
+
+
+def compiled_saved_bytes(loss: torch.Tensor) -> int:
+    """Bytes the compiled layers' graphs saved for the backward of `loss` (each storage once)."""
+    seen, nodes, storages = set(), [loss.grad_fn], {}
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "CompiledFunction" in node.name():
+            storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                             for t in node.saved_tensors if torch.is_tensor(t)})
+        nodes += [next_node for next_node, _ in node.next_functions]
+    return sum(storages.values())
+
+
 def test_compiled_layers_take_no_python_float_as_a_graph_input(tiny_model_factory):
     """Norm eps, LoRA scaling and dropout p are compiled in as constants. As graph inputs they
     would be float64 CPU tensors, and their casts a C++ kernel in every CUDA layer: a compiler run

@@ -21,6 +21,7 @@ from tests.conftest import ROOT, TINY_YAML
 
 LLAMA2 = ROOT / "configs" / "llama2-7b-korquad.yaml"
 BUDGETS = (9, 12, 16, 24, 80)
+KEPT = "model.lean_layers=false"  # the config's own value: lean layers not planned
 
 
 def plan_for(budget, *overrides, path=LLAMA2, seq=2048, gpu=False):
@@ -71,36 +72,53 @@ def test_memory_left_beside_the_fastest_recompute_plan_goes_to_dequantized_layer
 def test_on_a_gpu_one_recomputing_layer_in_six_offloads_instead_and_the_inputs_go_to_the_host():
     """The same layers keep no activations on the GPU, at the same estimated peak; with the
     recomputing layers' inputs in host memory too, fewer layers recompute; a config's own settings
-    win, and a run on the CPU offloads nothing."""
-    on_cpu = plan_for(16)[0].chosen
-    kept, arch = plan_for(16, "model.offload_inputs=false", gpu=True)
+    win, and a run on the CPU offloads nothing. (Kept layers, not lean: with lean ones the plan
+    for 16 GiB recomputes nothing.)"""
+    on_cpu = plan_for(16, KEPT)[0].chosen
+    kept, arch = plan_for(16, KEPT, "model.offload_inputs=false", gpu=True)
     chosen = kept.chosen
     assert chosen.offloaded == chosen.recomputed // OFFLOAD_EVERY > 0 and on_cpu.offloaded == 0
     assert kept.config.model.offload_layers == chosen.offloaded and not kept.config.model.offload_inputs
     assert dataclasses.replace(chosen, offloaded=0) == on_cpu and chosen.speed > on_cpu.speed
     assert estimate_for_config(kept.config, arch, 2048)["total"] == chosen.peak_bytes == on_cpu.peak_bytes
     assert f"recompute {chosen.recomputed} of 32 layers ({chosen.offloaded} of them offload instead)" in chosen.describe()
-    on_gpu = plan_for(16, gpu=True)[0]  # the memory the inputs leave goes to dequantized layers
+    on_gpu = plan_for(16, KEPT, gpu=True)[0]  # the memory the inputs leave goes to dequantized layers
     assert on_gpu.chosen.inputs and on_gpu.config.model.offload_inputs and not on_cpu.inputs
     assert on_gpu.chosen.speed > chosen.speed and on_gpu.chosen.peak_bytes <= 16 * GIB
     assert "24 of 32 layers (inputs in host memory, 4 of them offload instead), 7 dequantized" in on_gpu.chosen.describe()
-    own, _ = plan_for(16, "model.offload_layers=0", gpu=True)
+    own, _ = plan_for(16, KEPT, "model.offload_layers=0", gpu=True)
     assert own.chosen.offloaded == 0 and own.config.model.offload_layers == 0
     for budget in BUDGETS:  # where offloading adds to the peak (few layers kept), only if it fits
-        choice, _ = plan_for(budget, gpu=True)
+        choice, _ = plan_for(budget, KEPT, gpu=True)
         assert estimate_for_config(choice.config, arch, 2048)["total"] == choice.chosen.peak_bytes <= budget * GIB
     # recompute 30 (2 kept) leaves no room for the layer offloading brings back early; 31 does, and
     # with 5 of them offloading it is the faster plan
-    few, _ = plan_for(9, "model.offload_inputs=false", gpu=True)
+    few, _ = plan_for(9, KEPT, "model.offload_inputs=false", gpu=True)
     assert (few.chosen.recomputed, few.chosen.offloaded) == (31, 5)
     assert [p.recomputed for p in few.plans if p.peak_bytes <= 9 * GIB][0] == 30
-    cfg = load_config(LLAMA2, ["train.memory_budget_gib=16"])
+    cfg = load_config(LLAMA2, ["train.memory_budget_gib=16", KEPT])
     arch = read_architecture(cfg.model)
     torchrun = choose(cfg, arch, 2048, set(), Budget(16, False), ranks=2, gpu=True).chosen
     assert torchrun.offloaded == 0 and not torchrun.inputs
-    many, _ = plan_for(16, "model.offload_layers=20", gpu=True)  # the config's own count, as many as 24 allow
+    many, _ = plan_for(16, KEPT, "model.offload_layers=20", gpu=True)  # the config's own count, as many as 24 allow
     assert (many.chosen.recomputed, many.chosen.offloaded, many.config.model.offload_layers) == (24, 8, 8)
     assert not check_values(many.config)
+
+
+def test_lean_layers_are_planned_where_they_are_faster_and_a_config_s_own_value_wins():
+    """With compiled layers, 16 GiB: every layer lean beats recomputing 24 kept ones (and offloading
+    4 of them); the whole card keeps every layer; the config's own model.lean_layers, or uncompiled
+    layers, leave lean layers unplanned."""
+    lean, _ = plan_for(16, gpu=True)
+    assert lean.chosen.lean and lean.chosen.recomputed == 0 and lean.config.model.lean_layers
+    assert "recompute 0 of 32 layers, the rest lean" in lean.chosen.describe()
+    kept, _ = plan_for(16, KEPT, gpu=True)
+    assert kept.chosen.recomputed == 24 and lean.chosen.speed > kept.chosen.speed
+    assert not kept.config.model.lean_layers and not any(p.lean for p in kept.plans)
+    assert not plan_for(80, gpu=True)[0].chosen.lean
+    assert not any(p.lean for p in plan_for(16, "model.compile_layers=false")[0].plans)
+    own = plan_for(16, "model.lean_layers=true")[0]
+    assert all(p.lean for p in own.plans) and own.config.model.lean_layers
 
 
 def test_offloaded_layers_are_spread_below_the_last_layer_three_apart_or_more():
@@ -135,8 +153,8 @@ def test_the_planned_layers_are_the_ones_that_recompute(tmp_path):
 
 
 def test_no_plan_fits_names_the_smallest_budget_and_eager_attention_is_not_planned():
-    with pytest.raises(UserError, match=r"no plan fits; the smallest plan \(recompute 32 of 32 layers, rows of 2048 "
-                                         r"tokens\) needs [0-9.]+ GiB\. Also lowers the peak: "
+    with pytest.raises(UserError, match=r"no plan fits; the smallest plan \(recompute 31 of 32 layers, the rest "
+                                         r"lean, rows of 2048 tokens\) needs [0-9.]+ GiB\. Also lowers the peak: "
                                          r"data.max_length lower, train.batch_size lower"):  # the config's own levers are on
         plan_for(2)
     with pytest.raises(UserError, match="does not price eager attention"):
@@ -251,8 +269,8 @@ def test_a_sharded_70b_capped_at_24_gib_plans_shorter_rows_with_every_layer_reco
 def test_rows_shorten_only_where_no_recompute_setting_fits_and_a_set_row_length_stays():
     cfg = load_config(LLAMA2)
     arch = read_architecture(cfg.model)
-    config_rows = candidates(cfg, arch, 2048)
-    budget = min(p.peak_bytes for p in config_rows) / GIB - 0.01  # just under every layer recomputed
+    config_rows = candidates(cfg, arch, 2048, leans=(False, True))
+    budget = min(p.peak_bytes for p in config_rows) / GIB - 0.01  # just under the least at the config's rows
     choice = choose(cfg, arch, 2048, set(), Budget(budget, automatic=False))
     assert choice.chosen.rows == 4096 and choice.config.data.pack_length == 4096
     shorter = [p for p in choice.plans if p.rows == 4096]
