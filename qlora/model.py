@@ -6,7 +6,7 @@ qlora/weights.py: random ones (model.random_init) or a sharded run's pre-quantiz
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,9 @@ def apply_levers(model: PeftModel, cfg: ModelConfig, precision: str) -> None:
         recompute_first_layers(model, cfg.recompute_layers)
     else:
         model.gradient_checkpointing_disable()
+    # the layers that keep their activations, before offloading routes every layer through the
+    # checkpoint's hook (offloaded layers are among the recomputing ones)
+    kept = [i for i, layer in enumerate(decoder_layers(model)) if not layer.gradient_checkpointing]
     dequantize_first_layers(model, cfg.dequantized_layers)
     if not cfg.upcast_non_quantized:
         cast_frozen_fp32(model, DTYPES[precision])
@@ -120,7 +123,7 @@ def apply_levers(model: PeftModel, cfg: ModelConfig, precision: str) -> None:
     # recompute_activations: qlora/config.py)
     model.activation_offload = offload_some_layers(model, cfg.offload_layers, cfg.offload_inputs)
     if cfg.compile_layers:
-        compile_decoder_layers(model, lean=cfg.lean_layers)
+        compile_decoder_layers(model, lean=kept if cfg.lean_layers else ())
 
 
 def prepare_attention(cfg: ModelConfig) -> None:
@@ -131,13 +134,14 @@ def prepare_attention(cfg: ModelConfig) -> None:
     torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)
 
 
-def compile_decoder_layers(model: torch.nn.Module, backend: str | Callable = "inductor", lean: bool = False) -> None:
+def compile_decoder_layers(model: torch.nn.Module, backend: str | Callable = "inductor",
+                           lean: Collection[int] = ()) -> None:
     """Compile each decoder layer in place, LoRA included. Recompute stays outside the compiled code
     (GradientCheckpointingLayer.__call__ wraps the compiled call), so the recompute replays it.
-    `lean` (model.lean_layers, with inductor): the layers that keep their activations (neither
-    recompute nor offload) compile with qlora.lean's lean_inductor; the others with `backend` (torch.compile's:
-    tests pass one that records the graphs). A layer already compiled with its backend is left as
-    it is; dynamo keeps one graph a backend, shared by the layers that use it."""
+    The layers numbered in `lean` (model.lean_layers: those that keep their activations) compile
+    with qlora.lean's lean_inductor, the others with `backend` (torch.compile's: tests pass one that
+    records the graphs). A layer already compiled with its backend is left as it is; dynamo keeps
+    one graph a backend, shared by the layers that use it."""
     # Python floats (norm eps, LoRA scaling, dropout p) are constants: under dynamic=True dynamo would
     # pass each as a float64 CPU tensor, and inductor would compile a C++ kernel for their casts even
     # in a CUDA layer. That C++ kernel cost every process ~40 s of its first step (a compiler run and
@@ -146,8 +150,8 @@ def compile_decoder_layers(model: torch.nn.Module, backend: str | Callable = "in
     torch._dynamo.config.specialize_float = True
     if lean:
         from qlora.lean import lean_inductor  # imports inductor (1 s): only where lean layers compile
-    for layer in decoder_layers(model):
-        wanted = lean_inductor if lean and not layer.gradient_checkpointing else backend
+    for i, layer in enumerate(decoder_layers(model)):
+        wanted = lean_inductor if i in lean else backend
         if layer._compiled_call_impl is None or getattr(layer, "compiled_with", None) is not wanted:
             layer.compile(dynamic=True, backend=wanted)
             layer.compiled_with = wanted

@@ -9,7 +9,8 @@ down to data.max_length); then, on a GPU, one recomputing layer in OFFLOAD_EVERY
 activations instead (model.offload_layers), where the budget holds what that adds (nothing with
 six or more layers kept: qlora/estimate.py); then, in the memory left, how many layers keep their
 base weights dequantized (model.dequantized_layers). Neither of the last two under model.shard.
-Each recompute count is priced with kept and with lean layers, with and without offloading, and on one GPU with the recomputing
+Each recompute count is priced with kept and with lean layers (these without offloading: the pair
+is not measured), with and without offloading, and on one GPU with the recomputing
 layers' inputs on the GPU and in host memory (model.offload_inputs: less memory, the same speed to
 the speed model); the fastest, once what it leaves is spent, wins, the first of equals preferred
 (fewer recomputed layers, kept layers not lean, no offloading, inputs on the GPU).
@@ -205,7 +206,7 @@ def candidates(cfg: Config, hf_config: Any, seq: int, ranks: int = 1, rows: int 
         [layers] if cfg.model.shard else range(layers + 1)
     plans = [Plan(n, layers, 0, rows, offloaded=own_offloaded(cfg, n, layers), inputs=held, lean=lean)
              for n in counts for lean in (leans if n < layers else leans[:1])  # every layer recomputed: none kept
-             for held in (inputs if n else (False,))]  # nothing recomputed: no inputs kept
+             for held in (inputs if n and not lean else inputs[:1])]  # nothing recomputed: no inputs kept
     plans.sort(key=lambda p: -p.speed)  # stable: equals stay in the order above
     return [dataclasses.replace(p, peak_bytes=estimate_for_config(p.apply(cfg), hf_config, seq, ranks)["total"])
             for p in plans]
@@ -298,11 +299,12 @@ def lean_choices(cfg: Config, given: set[str], fixed: bool) -> tuple[bool, ...]:
 
 def spend_the_rest(plan: Plan, cfg: Config, hf_config: Any, seq: int, ranks: int, budget: Budget,
                    given: set[str], gpu: bool) -> Plan:
-    """The fastest of `plan` and `plan` with offloaded layers (on a GPU, one process), each then
+    """The fastest of `plan` and `plan` with offloaded layers (on a GPU, one process; not beside lean
+    layers, a pair not measured), each then
     with dequantized layers in the memory the budget leaves it; not where the config sets them, nor
     under model.shard. Offloading may leave less room for dequantized layers than it gains."""
     options = [plan]
-    if gpu and ranks == 1 and OFFLOAD_KEY not in given and not cfg.model.shard:
+    if gpu and ranks == 1 and OFFLOAD_KEY not in given and not cfg.model.shard and not plan.lean:
         options.append(with_offloaded(plan, cfg, hf_config, seq, ranks, budget))
     if DEQUANTIZED_KEY not in given and not cfg.model.shard:
         options = [with_dequantized(option, cfg, hf_config, seq, ranks, budget) for option in options]

@@ -40,12 +40,13 @@ def tiny_model_factory(tmp_path_factory):
     def make(precision: str = "fp32", dropout: float = 0.0, seed: int = 0, upcast: bool = True,
              recompute_layers: int | None = None, attn: str = "sdpa", compile_layers: bool = False,
              reentrant: bool = False, shard: bool = False, r: int = 16, dequantized_layers: int = 0,
-             lean: bool = False):
+             lean: bool = False, offload_inputs: bool = False):
         cfg = ModelConfig(name=str(ROOT / "configs" / "tiny" / "model"), random_init=True,
                           random_init_cache=str(cache), upcast_non_quantized=upcast,
                           recompute_layers=recompute_layers, attn_implementation=attn,
                           compile_layers=compile_layers, recompute_reentrant=reentrant, shard=shard,
-                          dequantized_layers=dequantized_layers, lean_layers=lean)
+                          dequantized_layers=dequantized_layers, lean_layers=lean,
+                          offload_inputs=offload_inputs)
         return build_model(cfg, LoraConfig(r=r, dropout=dropout), precision, torch.device("cpu"), seed)
 
     return make

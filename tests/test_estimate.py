@@ -180,7 +180,9 @@ PLAN_RUNS = [  # (log of bench/budget_gpu.sh, its EXTRA overrides): one H200, th
     ("2026-11-29-session13-h200/call-a/budget-16.log", []),
     ("2026-11-29-session13-h200/call-c/budget/budget-15.5.log", []),
     ("2026-11-29-session13-h200/call-d/budget/budget-15.5.log", []),
-    ("2026-11-29-session13-h200/call-d/budget/budget-15.5-noinputs.log", ["model.offload_inputs=false"])]
+    ("2026-11-29-session13-h200/call-d/budget/budget-15.5-noinputs.log", ["model.offload_inputs=false"]),
+    ("2026-11-29-session15-h200/call-e/budget/budget-15.5.log", []),
+    ("2026-11-29-session15-h200/call-e/budget/budget-15.5-kept.log", ["model.lean_layers=false"])]
 
 
 def plan_overrides(log: str) -> list[str]:

@@ -143,6 +143,16 @@ def test_lean_layers_save_less_for_the_same_loss_and_gradient(tiny_model_factory
         assert (lean_grads[name] - grads[name]).abs().max() <= 1e-4 * grads[name].abs().max(), name
 
 
+def test_lean_layers_are_the_ones_that_keep_their_activations_with_offloading_on_too(tiny_model_factory):
+    """Offloading routes every layer through the checkpoint's hook; the lean ones are still the
+    layers that do not recompute."""
+    from qlora.lean import lean_inductor
+
+    model = tiny_model_factory("fp32", compile_layers=True, recompute_layers=1, lean=True, offload_inputs=True)
+    assert model.activation_offload is not None
+    assert [layer.compiled_with for layer in decoder_layers(model)] == ["inductor", lean_inductor]
+
+
 def compiled_saved_bytes(loss: torch.Tensor) -> int:
     """Bytes the compiled layers' graphs saved for the backward of `loss` (each storage once)."""
     seen, nodes, storages = set(), [loss.grad_fn], {}

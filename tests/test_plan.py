@@ -116,6 +116,8 @@ def test_lean_layers_are_planned_where_they_are_faster_and_a_config_s_own_value_
     assert kept.chosen.recomputed == 24 and lean.chosen.speed > kept.chosen.speed
     assert not kept.config.model.lean_layers and not any(p.lean for p in kept.plans)
     assert not plan_for(80, gpu=True)[0].chosen.lean
+    small, _ = plan_for(12, gpu=True)  # lean layers beside offloaded ones: not measured, not planned
+    assert any(p.lean for p in small.plans) and not any(p.lean and (p.offloaded or p.inputs) for p in small.plans)
     assert not any(p.lean for p in plan_for(16, "model.compile_layers=false")[0].plans)
     own = plan_for(16, "model.lean_layers=true")[0]
     assert all(p.lean for p in own.plans) and own.config.model.lean_layers
