@@ -290,9 +290,11 @@ def input_choices(cfg: Config, given: set[str], ranks: int, gpu: bool, fixed: bo
 
 
 def lean_choices(cfg: Config, given: set[str], fixed: bool) -> tuple[bool, ...]:
-    """Whether the kept layers may be lean: with compiled layers, unsharded (not tried under FSDP),
-    where the config sets neither model.lean_layers nor its recompute keys (then its own value)."""
-    if LEAN_KEY in given or fixed or not cfg.model.compile_layers or cfg.model.shard:
+    """Whether the kept layers may be lean: with compiled layers, unsharded and without flex attention
+    (neither tried), where the config sets neither model.lean_layers nor its recompute keys (then
+    its own value)."""
+    if (LEAN_KEY in given or fixed or not cfg.model.compile_layers or cfg.model.shard
+            or cfg.model.attn_implementation == "flex"):
         return (cfg.model.lean_layers,)
     return (False, True)
 

@@ -107,8 +107,8 @@ def test_on_a_gpu_one_recomputing_layer_in_six_offloads_instead_and_the_inputs_g
 
 def test_lean_layers_are_planned_where_they_are_faster_and_a_config_s_own_value_wins():
     """With compiled layers, 16 GiB: every layer lean beats recomputing 24 kept ones (and offloading
-    4 of them); the whole card keeps every layer; the config's own model.lean_layers, or uncompiled
-    layers, leave lean layers unplanned."""
+    4 of them); the whole card keeps every layer; the config's own model.lean_layers, uncompiled
+    layers or flex attention leave lean layers unplanned."""
     lean, _ = plan_for(16, gpu=True)
     assert lean.chosen.lean and lean.chosen.recomputed == 0 and lean.config.model.lean_layers
     assert "recompute 0 of 32 layers, the rest lean" in lean.chosen.describe()
@@ -119,6 +119,8 @@ def test_lean_layers_are_planned_where_they_are_faster_and_a_config_s_own_value_
     small, _ = plan_for(12, gpu=True)  # lean layers beside offloaded ones: not measured, not planned
     assert any(p.lean for p in small.plans) and not any(p.lean and (p.offloaded or p.inputs) for p in small.plans)
     assert not any(p.lean for p in plan_for(16, "model.compile_layers=false")[0].plans)
+    flex, _ = plan_for(16, path=ROOT / "configs" / "gemma2-9b-korquad.yaml")  # flex attention: not tried
+    assert flex.config.model.attn_implementation == "flex" and not any(p.lean for p in flex.plans)
     own = plan_for(16, "model.lean_layers=true")[0]
     assert all(p.lean for p in own.plans) and own.config.model.lean_layers
 
