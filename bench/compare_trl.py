@@ -16,8 +16,8 @@ and is imported only here.
 added to the last (LEVERS): plain -> +length grouping -> +logits at supervised positions ->
 +compute-dtype norms -> no cuDNN attention -> +varlen attention -> +packing -> +compiled decoder
 layers (-> +fewer recomputed layers, with model.recompute_layers=N) (-> with --budget GiB, the memory
-plan train.memory_budget_gib would make for the last variant: recompute, offloaded layers and
-inputs, dequantized layers; as a GPU run in one process plans them).
+plan train.memory_budget_gib would make for the last variant: recompute, lean layers, offloaded
+layers and inputs, dequantized layers; as a GPU run in one process plans them).
 The job both sides run is JOB (config overrides, printed in the result file) on top of --config;
 further overrides (tokenizer, data file) come after the options. Runs on a CPU too, slowly, with
 configs/tiny.yaml: a check that the script works, not a measurement.
@@ -370,7 +370,8 @@ def main() -> None:
     p.add_argument("--skip", action="append", default=[], choices=[name for name, _ in LEVERS[1:]],
                    help="ours: a lever to leave out, by name (repeat for more)")
     p.add_argument("--budget", type=float, help="ours: then the memory plan for this many GiB (train.memory_budget_gib), "
-                   "which sets every key it plans (recompute, offloaded layers and inputs, dequantized layers)")
+                   "which sets every key it plans (recompute, lean layers, offloaded layers and inputs, "
+                   "dequantized layers)")
     args = p.parse_intermixed_args()
     if args.mode == "table":
         table([Path(x) for x in args.rest])

@@ -90,9 +90,10 @@ class ModelConfig:
         False, "With compile_layers, the layers that keep their activations (neither recomputing nor offloading) "
                "are compiled to save less (torch's activation memory budget) and recompute the rest inside their "
                "own backward, matmuls included, with the forward's LoRA dropout masks (qlora/lean.py): the same "
-               "numbers; Llama-2-7B at rows of 8,192: 0.31 GiB a layer instead of 1.03, for about half the cost "
-               "of recomputing the whole layer. The memory plan turns it on where it is faster within the "
-               "budget.", resume_safe=True,
+               "gradient, though on CUDA other dropout masks than kept layers draw; Llama-2-7B at rows of 8,192: "
+               "0.31 GiB a layer instead of 1.03, for about half the cost of recomputing the whole layer. The "
+               "memory plan turns it on where it is faster within the budget (Llama-layout models, one "
+               "process).", resume_safe=True,
         lowers_peak="=true (with model.compile_layers=true)")
     dequantized_layers: int = key(
         0, "The first N decoder layers keep their frozen base weights dequantized, once, in the compute dtype "

@@ -29,9 +29,9 @@ KEPT_WORKING = 0.75
 RECOMPUTE_WORKING = 1.5
 # Lean layers (model.lean_layers, qlora/lean.py) on CUDA, Llama-2-7B as shipped, one H200, 0, 4
 # and 8 of 32 layers recomputed, the rest lean (bench/results/2026-11-29-session15-h200/call-d):
-# each lean layer saved 0.3125 GiB at rows of 8,192, what the attention's backward needs (its
-# input, q, k, v and output) and the residual (kept_saved's terms below; the dropout masks are
-# replayed, not saved); while the last lean layer runs its backward, about a kept layer's saved
+# each lean layer saved 0.3125 GiB at rows of 8,192: what the attention's backward needs (q, k, v
+# and its output) and the residual (kept_saved's terms below; the dropout masks are replayed, not
+# saved); while the last lean layer runs its backward, about a kept layer's saved
 # tensors more are live (it recomputes its MLP there).
 LEAN_WORKING = 1.0
 
@@ -129,13 +129,13 @@ def estimate_peak(shape: Shape, *, batch: int, seq: int, lora_r: int, targets: t
     if recompute:
         recomputed = shape.layers if recompute_layers is None else min(recompute_layers, shape.layers)
     # the recomputed (first) layers keep their inputs; the kept layers' saved tensors are freed,
-    # last layer first, before the first recompute needs room (and one kept layer with its working
-    # set, 1.75 layers, is more than one recompute's 1.5)
+    # last layer first, before the first recompute needs room: the peak is the larger of the two
     kept = shape.layers - recomputed
-    kept_saved = tokens * (compute_bytes * (shape.hidden + q + 2 * kv) + stream_bytes * shape.hidden) \
+    kept_saved = tokens * (compute_bytes * 2 * (q + kv) + stream_bytes * shape.hidden) \
         if lean else layer_saved  # what one kept layer saves
     working = (LEAN_WORKING if lean else KEPT_WORKING) * layer_saved
-    live = kept * kept_saved + working if kept else RECOMPUTE_WORKING * layer_saved  # saved tensors at the peak
+    live = max(kept * kept_saved + working if kept else 0,
+               RECOMPUTE_WORKING * layer_saved if recomputed else 0)  # saved tensors at the peak
     if offloaded_layers and recomputed:  # spaced LEAD + 1 or more: one layer brought back early at a time
         picked = offloaded(recomputed, shape.layers, offloaded_layers)  # one line if too many
         in_flight = max(sum(i <= j < i + RELEASE_AFTER for j in picked) for i in picked)

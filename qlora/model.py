@@ -105,7 +105,8 @@ def apply_levers(model: PeftModel, cfg: ModelConfig, precision: str) -> None:
     recompute, dequantized layers, compute-dtype norms, offloaded layers (`model.activation_offload`,
     None without), compiled layers. build_model calls it once; bench/compare_trl.py calls it again
     on one loaded model as it turns the levers on one after another. Dequantized layers,
-    compute-dtype norms and compiled layers are one-way."""
+    compute-dtype norms and compiled layers are one-way (a compiled layer may change backend: lean
+    or not)."""
     prepare_attention(cfg)
     model.get_base_model().set_attn_implementation(cfg.attn_implementation)
     if cfg.recompute_activations:
@@ -148,11 +149,10 @@ def compile_decoder_layers(model: torch.nn.Module, backend: str | Callable = "in
     # inductor's CPU-ISA probes, each a Python subprocess), with a warm compile cache too (H200,
     # bench/results/2026-11-28-session10-h200/). Process-wide: these layers are our only compiled code.
     torch._dynamo.config.specialize_float = True
-    if lean:
-        from qlora.lean import lean_inductor  # imports inductor (1 s): only where lean layers compile
+    from qlora.lean import lean_inductor  # imports inductor (1 s), which compiling needs anyway
     for i, layer in enumerate(decoder_layers(model)):
         wanted = lean_inductor if i in lean else backend
-        if layer._compiled_call_impl is None or getattr(layer, "compiled_with", None) is not wanted:
+        if layer._compiled_call_impl is None or getattr(layer, "compiled_with", None) != wanted:
             layer.compile(dynamic=True, backend=wanted)
             layer.compiled_with = wanted
 

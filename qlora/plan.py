@@ -2,34 +2,35 @@
 (a number, or `auto`: the GPU's free memory at start, less a margin), chosen before the model loads.
 
 What it plans: how many decoder layers recompute their activations (all, the first N, none),
-whether the others are lean (model.lean_layers, with compiled layers: they save less and
-recompute part of themselves in their backward), and,
-only where nothing fits the config's packed rows, shorter rows (halves of the config's row length,
-down to data.max_length); then, on a GPU, one recomputing layer in OFFLOAD_EVERY offloading its
-activations instead (model.offload_layers), where the budget holds what that adds (nothing with
-six or more layers kept: qlora/estimate.py); then, in the memory left, how many layers keep their
-base weights dequantized (model.dequantized_layers). Neither of the last two under model.shard.
-Each recompute count is priced with kept and with lean layers (these without offloading: the pair
-is not measured), with and without offloading, and on one GPU with the recomputing
-layers' inputs on the GPU and in host memory (model.offload_inputs: less memory, the same speed to
-the speed model); the fastest, once what it leaves is spent, wins, the first of equals preferred
-(fewer recomputed layers, kept layers not lean, no offloading, inputs on the GPU).
-Recompute, offloaded and dequantized layers never change the gradient. Shorter rows group the
-same examples a step into more rows: the same step, up to floating-point order and the LoRA
-dropout masks, which are drawn per row. All of these may change between a run and its resume (a
-resume that plans other rows is then not bit for bit the unbroken run). A config that sets
-`model.recompute_layers` or `model.recompute_activations` itself keeps its value (rows still
-shortened where they do not fit, and nothing else planned where they do), one that sets
-`data.pack_length` keeps its rows, one that sets `model.lean_layers` its value, and one that sets `model.offload_layers` or
-`model.dequantized_layers` its count (explicit values win). A sharded model (model.shard) plans
-rows only, every layer recomputed: fewer recomputed layers under FSDP have not been measured.
+whether the others are lean (model.lean_layers: they save less and recompute part of themselves in
+their backward), and, only where nothing fits the config's packed rows, shorter rows (halves of
+the config's row length, down to data.max_length); then, on a GPU, one recomputing layer in
+OFFLOAD_EVERY offloading its activations instead (model.offload_layers), where the budget holds
+what that adds (nothing with six or more layers kept: qlora/estimate.py); then, in the memory
+left, how many layers keep their base weights dequantized (model.dequantized_layers). Neither of
+the last two under model.shard. Each recompute count is priced with the other layers kept and, as
+measured (compiled Llama-layout layers, one process), lean (these without offloading: the pair is
+not measured), with and without offloading, and on one GPU with the recomputing layers' inputs on
+the GPU and in host memory (model.offload_inputs: less memory, the same speed to the speed model);
+the fastest, once what it leaves is spent, wins, the first of equals preferred (fewer recomputed
+layers, kept layers not lean, no offloading, inputs on the GPU).
+Recompute, offloaded and dequantized layers never change the gradient; lean layers keep it too,
+but on CUDA they draw other LoRA dropout masks than kept layers (as compiled layers do). Shorter
+rows group the same examples a step into more rows: the same step, up to floating-point order and
+the LoRA dropout masks, which are drawn per row. All of these may change between a run and its
+resume (a resume that plans other rows, or other lean layers on CUDA, is then not bit for bit the
+unbroken run). A config that sets `model.recompute_layers` or `model.recompute_activations` itself
+keeps its value (rows still shortened where they do not fit, and nothing else planned where they
+do), one that sets `data.pack_length` keeps its rows, one that sets `model.lean_layers` its value,
+and one that sets `model.offload_layers` or `model.dequantized_layers` its count (explicit values
+win). A sharded model (model.shard) plans rows only, every layer recomputed: fewer recomputed
+layers under FSDP have not been measured.
 
 Speed model: a step with every layer recomputed takes 1 + RECOMPUTE_COST times one with none, each
-recomputed layer a 1/L share of that (fitted on one H100, Llama-2-7B, extractive @2048); each
-lean layer a 1/L share of LEAN_COST; each
-dequantized layer takes a 1/L share of DEQUANTIZED_GAIN off (one H200); an offloaded layer is
-priced as one that keeps its activations (OFFLOAD_EVERY says how far that held). The
-estimate behind it is on the safe side, except for eager attention, which it does not price: a
+recomputed layer a 1/L share of that (fitted on one H100, Llama-2-7B, extractive @2048); each lean
+layer adds a 1/L share of LEAN_COST; each dequantized layer takes a 1/L share of DEQUANTIZED_GAIN
+off (one H200); an offloaded layer is priced as one that keeps its activations (OFFLOAD_EVERY says
+how far that held). The estimate behind it is on the safe side, except for eager attention, which it does not price: a
 budget given as a number is refused with eager attention, and `auto` plans nothing there (README,
 "Where the memory goes"). Shorter rows are slower per token, by an amount not priced here: each row
 pays the CPU's launches of every layer (at rows of 8,192 about the GPU's own time; rows of 2,048 with nothing
@@ -84,7 +85,7 @@ kept, each lean layer a 1/L share. Llama-2-7B, the shipped job, one H200 a call 
 bench/results/2026-11-29-session15-h200/): 17,887 tokens/s with every layer kept and 14,603 with
 every layer lean, the dropout masks saved (calls B and C, one machine: 0.225); with them replayed on
 CUDA, as now, 14,262 with every layer lean and 13,305 with 8 recomputed (call D, another machine:
-0.17 from that pair and RECOMPUTE_COST), and 3.4% slower than saving the masks at 8 recomputed."""
+0.17 from that pair and RECOMPUTE_COST), and 3.3% slower than saving the masks at 8 recomputed."""
 PLANNED_KEYS = ("model.recompute_activations", "model.recompute_layers")
 ROWS_KEY, DEQUANTIZED_KEY, OFFLOAD_KEY = "data.pack_length", "model.dequantized_layers", "model.offload_layers"
 INPUTS_KEY, LEAN_KEY = "model.offload_inputs", "model.lean_layers"
@@ -196,8 +197,7 @@ def row_lengths(cfg: Config, given: set[str]) -> list[int | None]:
 def candidates(cfg: Config, hf_config: Any, seq: int, ranks: int = 1, rows: int | None = None,
                own_recompute: bool = False, inputs: tuple[bool, ...] = (False,),
                leans: tuple[bool, ...] = (False,)) -> list[Plan]:
-    """Every recompute count (sharded: every layer only; `own_recompute`: the config's), fastest
-    first, each with the estimate's peak for this config on `ranks` processes, at `rows`
+    """Every recompute count (sharded: every layer only; `own_recompute`: the config's), none first, each with the estimate's peak for this config on `ranks` processes, at `rows`
     tokens per packed row; each count with the other layers kept and/or lean, as `leans` says, and
     the recomputing layers' inputs on the GPU and/or in host memory, as `inputs` says (the same
     speed: the first is preferred)."""
@@ -207,7 +207,6 @@ def candidates(cfg: Config, hf_config: Any, seq: int, ranks: int = 1, rows: int 
     plans = [Plan(n, layers, 0, rows, offloaded=own_offloaded(cfg, n, layers), inputs=held, lean=lean)
              for n in counts for lean in (leans if n < layers else leans[:1])  # every layer recomputed: none kept
              for held in (inputs if n and not lean else inputs[:1])]  # nothing recomputed: no inputs kept
-    plans.sort(key=lambda p: -p.speed)  # stable: equals stay in the order above
     return [dataclasses.replace(p, peak_bytes=estimate_for_config(p.apply(cfg), hf_config, seq, ranks)["total"])
             for p in plans]
 
@@ -257,7 +256,8 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
     own = f"the config sets {' and '.join(fixed)} itself"
     if fixed and len(lengths) == 1:
         return Choice(cfg, [], None, own)
-    plans, inputs, leans = [], input_choices(cfg, given, ranks, gpu, bool(fixed)), lean_choices(cfg, given, bool(fixed))
+    plans, inputs, leans = [], input_choices(cfg, given, ranks, gpu, bool(fixed)), lean_choices(cfg, hf_config, given, ranks,
+                                                                                          bool(fixed))
     for rows in lengths:
         plans += candidates(cfg, hf_config, seq, ranks, rows, own_recompute=bool(fixed), inputs=inputs, leans=leans)
         fitting = [p for p in plans if p.peak_bytes <= budget.gib * GIB]
@@ -289,12 +289,14 @@ def input_choices(cfg: Config, given: set[str], ranks: int, gpu: bool, fixed: bo
     return (False, True)
 
 
-def lean_choices(cfg: Config, given: set[str], fixed: bool) -> tuple[bool, ...]:
-    """Whether the kept layers may be lean: with compiled layers, unsharded and without flex attention
-    (neither tried), where the config sets neither model.lean_layers nor its recompute keys (then
-    its own value)."""
-    if (LEAN_KEY in given or fixed or not cfg.model.compile_layers or cfg.model.shard
-            or cfg.model.attn_implementation == "flex"):
+def lean_choices(cfg: Config, hf_config: Any, given: set[str], ranks: int, fixed: bool) -> tuple[bool, ...]:
+    """Whether the kept layers may be lean: as measured (compiled Llama-layout layers, one process,
+    no offloading, varlen or SDPA attention, unsharded), where the config sets neither
+    model.lean_layers nor its recompute keys (else its own value)."""
+    measured = (cfg.model.compile_layers and hf_config.model_type == "llama" and ranks == 1 and not cfg.model.shard
+                and cfg.model.attn_implementation != "flex" and not cfg.model.offload_layers
+                and not cfg.model.offload_inputs)
+    if LEAN_KEY in given or fixed or not measured:
         return (cfg.model.lean_layers,)
     return (False, True)
 

@@ -1,6 +1,7 @@
 """The step's arithmetic on the real 4-bit path: accumulation, logits at supervised positions only,
 GradScaler skips, the schedule."""
 
+import dataclasses
 import json
 import math
 import re
@@ -16,7 +17,7 @@ from qlora.data import IGNORE, Encoded, Example
 from qlora.errors import UserError
 from qlora.loop import accumulate_gradients, micro_batch_loss, optimizer_step
 from qlora.memory import MemoryMeter
-from qlora.model import build_model, compile_decoder_layers, decoder_layers
+from qlora.model import apply_levers, build_model, compile_decoder_layers, decoder_layers
 from qlora.optim import build_training_state, in_layout
 from tests.conftest import ROOT
 
@@ -145,12 +146,18 @@ def test_lean_layers_save_less_for_the_same_loss_and_gradient(tiny_model_factory
 
 def test_lean_layers_are_the_ones_that_keep_their_activations_with_offloading_on_too(tiny_model_factory):
     """Offloading routes every layer through the checkpoint's hook; the lean ones are still the
-    layers that do not recompute."""
+    layers that do not recompute, and levers applied again move layers between the backends."""
     from qlora.lean import lean_inductor
 
     model = tiny_model_factory("fp32", compile_layers=True, recompute_layers=1, lean=True, offload_inputs=True)
     assert model.activation_offload is not None
     assert [layer.compiled_with for layer in decoder_layers(model)] == ["inductor", lean_inductor]
+    # bench/compare_trl.py turns levers on one after another on one model: a layer changes backend
+    cfg = ModelConfig(name="tiny", compile_layers=True, recompute_layers=1)
+    apply_levers(model, cfg, "fp32")
+    assert [layer.compiled_with for layer in decoder_layers(model)] == ["inductor", "inductor"]
+    apply_levers(model, dataclasses.replace(cfg, recompute_activations=False, lean_layers=True), "fp32")
+    assert [layer.compiled_with for layer in decoder_layers(model)] == [lean_inductor, lean_inductor]
 
 
 def compiled_saved_bytes(loss: torch.Tensor) -> int:

@@ -36,7 +36,9 @@ def test_the_plan_is_the_fastest_candidate_within_the_budget(budget):
     choice, arch = plan_for(budget)
     assert estimate_for_config(choice.config, arch, 2048)["total"] <= budget * GIB
     assert all(p.peak_bytes > budget * GIB for p in choice.plans if p.speed > choice.chosen.speed)
-    assert [p.speed for p in choice.plans] == sorted((p.speed for p in choice.plans), reverse=True)
+    for lean in (False, True):  # each of kept and lean: fewer recomputed layers, faster
+        speeds = [p.speed for p in choice.plans if p.lean == lean]
+        assert speeds == sorted(speeds, reverse=True)
     assert choice.plans[0].peak_bytes > choice.plans[arch.num_hidden_layers // 2].peak_bytes > choice.plans[-1].peak_bytes
 
 
@@ -108,7 +110,7 @@ def test_on_a_gpu_one_recomputing_layer_in_six_offloads_instead_and_the_inputs_g
 def test_lean_layers_are_planned_where_they_are_faster_and_a_config_s_own_value_wins():
     """With compiled layers, 16 GiB: every layer lean beats recomputing 24 kept ones (and offloading
     4 of them); the whole card keeps every layer; the config's own model.lean_layers, uncompiled
-    layers or flex attention leave lean layers unplanned."""
+    layers, flex attention, offloading, torchrun and other families than Llama leave them unplanned."""
     lean, _ = plan_for(16, gpu=True)
     assert lean.chosen.lean and lean.chosen.recomputed == 0 and lean.config.model.lean_layers
     assert "recompute 0 of 32 layers, the rest lean" in lean.chosen.describe()
@@ -116,8 +118,17 @@ def test_lean_layers_are_planned_where_they_are_faster_and_a_config_s_own_value_
     assert kept.chosen.recomputed == 24 and lean.chosen.speed > kept.chosen.speed
     assert not kept.config.model.lean_layers and not any(p.lean for p in kept.plans)
     assert not plan_for(80, gpu=True)[0].chosen.lean
-    small, _ = plan_for(12, gpu=True)  # lean layers beside offloaded ones: not measured, not planned
-    assert any(p.lean for p in small.plans) and not any(p.lean and (p.offloaded or p.inputs) for p in small.plans)
+    for budget in (12, 13):  # lean layers beside offloaded layers or inputs: not measured, not planned
+        small, _ = plan_for(budget, gpu=True)
+        assert any(p.lean for p in small.plans) and not (small.chosen.lean and small.chosen.offloaded)
+        assert not any(p.lean and p.inputs for p in small.plans)
+    assert plan_for(13, gpu=True)[0].chosen.lean
+    for own_offload in ("model.offload_layers=2", "model.offload_inputs=true"):  # the config's own
+        assert not any(p.lean for p in plan_for(13, own_offload, gpu=True)[0].plans)
+    cfg = load_config(LLAMA2, ["train.memory_budget_gib=16"])  # measured in one process only
+    assert not choose(cfg, read_architecture(cfg.model), 2048, set(), Budget(16, False), ranks=2).chosen.lean
+    qwen, _ = plan_for(16, path=ROOT / "configs" / "qwen2.5-7b-korquad.yaml")  # measured on Llama only
+    assert not any(p.lean for p in qwen.plans)
     assert not any(p.lean for p in plan_for(16, "model.compile_layers=false")[0].plans)
     flex, _ = plan_for(16, path=ROOT / "configs" / "gemma2-9b-korquad.yaml")  # flex attention: not tried
     assert flex.config.model.attn_implementation == "flex" and not any(p.lean for p in flex.plans)
