@@ -82,13 +82,13 @@ def test_two_processes_train_what_one_does_and_resume_across_world_sizes(referen
     assert_same_run(again, reference)
 
 
-def test_ranks_with_unequal_shares_still_train_what_one_process_does(reference_run, tmp_path):
+@pytest.mark.parametrize("rows", [[], ["data.packing=true", "data.pack_rows_multiple=2"]], ids=["padded", "packed-even"])
+def test_ranks_with_unequal_shares_still_train_what_one_process_does(reference_run, tmp_path, rows):
     """3 micro-batches a step on 2 ranks: one runs 2, the other 1. DDP must all-reduce once per
     step on each (at its last micro-batch), or the ranks' collectives no longer pair up. Packed
-    rows made a multiple of 2 are the same rows in one process as in two. (Padded batches on 2
-    ranks: the tests above.)"""
+    rows made a multiple of 2 are the same rows in one process as in two."""
     _, cache = reference_run
-    uneven = ["train.grad_accum=3", "train.max_steps=6", "data.packing=true", "data.pack_rows_multiple=2"]
+    uneven = ["train.grad_accum=3", "train.max_steps=6", *rows]
     one, two = tmp_path / "one", tmp_path / "two"
     assert train.main(["--config", str(TINY_YAML), *REFERENCE, *uneven, f"train.output_dir={one}",
                        f"model.random_init_cache={cache}"]) == 0
