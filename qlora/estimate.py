@@ -30,8 +30,8 @@ RECOMPUTE_WORKING = 1.5
 # Lean layers (model.lean_layers, qlora/lean.py) on CUDA, Llama-2-7B as shipped, one H200, 0, 4
 # and 8 of 32 layers recomputed, the rest lean (bench/results/2026-11-29-session15-h200/call-d):
 # each lean layer saved 0.3125 GiB at rows of 8,192: what the attention's backward needs (q, k, v
-# and its output) and the residual (kept_saved's terms below; the dropout masks are replayed, not
-# saved); while the last lean layer runs its backward, about a kept layer's saved
+# and its output) and the residual (kept_saved's terms below, with the norms in the compute dtype
+# as there; the dropout masks are replayed, not saved); while the last lean layer runs its backward, about a kept layer's saved
 # tensors more are live (it recomputes its MLP there).
 LEAN_WORKING = 1.0
 

@@ -197,8 +197,9 @@ def row_lengths(cfg: Config, given: set[str]) -> list[int | None]:
 def candidates(cfg: Config, hf_config: Any, seq: int, ranks: int = 1, rows: int | None = None,
                own_recompute: bool = False, inputs: tuple[bool, ...] = (False,),
                leans: tuple[bool, ...] = (False,)) -> list[Plan]:
-    """Every recompute count (sharded: every layer only; `own_recompute`: the config's), none first, each with the estimate's peak for this config on `ranks` processes, at `rows`
-    tokens per packed row; each count with the other layers kept and/or lean, as `leans` says, and
+    """Every recompute count (sharded: every layer only; `own_recompute`: the config's), none first,
+    each with the estimate's peak for this config on `ranks` processes, at `rows` tokens per packed
+    row; each count with the other layers kept and/or lean, as `leans` says, and
     the recomputing layers' inputs on the GPU and/or in host memory, as `inputs` says (the same
     speed: the first is preferred)."""
     layers = hf_config.num_hidden_layers
@@ -256,8 +257,8 @@ def choose(cfg: Config, hf_config: Any, seq: int, given: set[str], budget: Budge
     own = f"the config sets {' and '.join(fixed)} itself"
     if fixed and len(lengths) == 1:
         return Choice(cfg, [], None, own)
-    plans, inputs, leans = [], input_choices(cfg, given, ranks, gpu, bool(fixed)), lean_choices(cfg, hf_config, given, ranks,
-                                                                                          bool(fixed))
+    plans, inputs = [], input_choices(cfg, given, ranks, gpu, bool(fixed))
+    leans = lean_choices(cfg, hf_config, given, ranks, bool(fixed))
     for rows in lengths:
         plans += candidates(cfg, hf_config, seq, ranks, rows, own_recompute=bool(fixed), inputs=inputs, leans=leans)
         fitting = [p for p in plans if p.peak_bytes <= budget.gib * GIB]
