@@ -31,8 +31,8 @@ RECOMPUTE_WORKING = 1.5
 # and 8 of 32 layers recomputed, the rest lean (bench/results/2026-11-29-session15-h200/call-d):
 # each lean layer saved 0.3125 GiB at rows of 8,192: what the attention's backward needs (q, k, v
 # and its output) and the residual (kept_saved's terms below, with the norms in the compute dtype
-# as there; the dropout masks are replayed, not saved); while the last lean layer runs its backward, about a kept layer's saved
-# tensors more are live (it recomputes its MLP there).
+# as there; the dropout masks are replayed, not saved); while the last lean layer runs its
+# backward, about a kept layer's saved tensors more are live (it recomputes its MLP there).
 LEAN_WORKING = 1.0
 
 
@@ -182,7 +182,7 @@ def estimate_for_config(cfg: Config, hf_config: Any, seq: int, ranks: int = 1) -
                          compiled=cfg.model.compile_layers, shards=ranks if cfg.model.shard else 1,
                          dequantized_layers=cfg.model.dequantized_layers,
                          offloaded_layers=cfg.model.offload_layers, inputs_offloaded=cfg.model.offload_inputs,
-                         lean=cfg.model.lean_layers and cfg.model.compile_layers)
+                         lean=cfg.model.lean_layers)  # needs compile_layers: qlora/config.py
 
 
 def format_estimate(estimate: dict[str, int]) -> str:

@@ -30,8 +30,8 @@ Speed model: a step with every layer recomputed takes 1 + RECOMPUTE_COST times o
 recomputed layer a 1/L share of that (fitted on one H100, Llama-2-7B, extractive @2048); each lean
 layer adds a 1/L share of LEAN_COST; each dequantized layer takes a 1/L share of DEQUANTIZED_GAIN
 off (one H200); an offloaded layer is priced as one that keeps its activations (OFFLOAD_EVERY says
-how far that held). The estimate behind it is on the safe side, except for eager attention, which it does not price: a
-budget given as a number is refused with eager attention, and `auto` plans nothing there (README,
+how far that held). The estimate behind it is on the safe side, except for eager attention, which
+it does not price: a budget given as a number is refused with eager attention, and `auto` plans nothing there (README,
 "Where the memory goes"). Shorter rows are slower per token, by an amount not priced here: each row
 pays the CPU's launches of every layer (at rows of 8,192 about the GPU's own time; rows of 2,048 with nothing
 recomputed ran 0.64x the config's rows of 8,192 with 25 of 32 layers recomputed, one H200,
@@ -199,9 +199,9 @@ def candidates(cfg: Config, hf_config: Any, seq: int, ranks: int = 1, rows: int 
                leans: tuple[bool, ...] = (False,)) -> list[Plan]:
     """Every recompute count (sharded: every layer only; `own_recompute`: the config's), none first,
     each with the estimate's peak for this config on `ranks` processes, at `rows` tokens per packed
-    row; each count with the other layers kept and/or lean, as `leans` says, and
-    the recomputing layers' inputs on the GPU and/or in host memory, as `inputs` says (the same
-    speed: the first is preferred)."""
+    row; each count with the other layers kept and/or lean, as `leans` says, and the recomputing
+    layers' inputs on the GPU and/or in host memory, as `inputs` says (the same speed: the first is
+    preferred)."""
     layers = hf_config.num_hidden_layers
     counts = [recomputed_layers(cfg, layers)] if own_recompute else \
         [layers] if cfg.model.shard else range(layers + 1)
@@ -305,9 +305,9 @@ def lean_choices(cfg: Config, hf_config: Any, given: set[str], ranks: int, fixed
 def spend_the_rest(plan: Plan, cfg: Config, hf_config: Any, seq: int, ranks: int, budget: Budget,
                    given: set[str], gpu: bool) -> Plan:
     """The fastest of `plan` and `plan` with offloaded layers (on a GPU, one process; not beside lean
-    layers, a pair not measured), each then
-    with dequantized layers in the memory the budget leaves it; not where the config sets them, nor
-    under model.shard. Offloading may leave less room for dequantized layers than it gains."""
+    layers, a pair not measured), each then with dequantized layers in the memory the budget leaves
+    it; not where the config sets them, nor under model.shard. Offloading may leave less room for
+    dequantized layers than it gains."""
     options = [plan]
     if gpu and ranks == 1 and OFFLOAD_KEY not in given and not cfg.model.shard and not plan.lean:
         options.append(with_offloaded(plan, cfg, hf_config, seq, ranks, budget))
